@@ -1,0 +1,62 @@
+"""Everything a cache build is parameterised by, as one frozen dataclass (saved into the store)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ssr_cache.errors import SSRError
+
+FEATURE_DTYPES = ("float16", "int8")
+# Which domain each dataset is in UDA: GTA5 is the labelled source, Cityscapes the unlabelled target.
+DATASET_DOMAIN = {"gta5": 0, "cityscapes": 1}
+
+
+@dataclass(frozen=True)
+class CacheBuildConfig:
+    dataset: str
+    data_root: Path
+    out: str
+    split: str = "train"
+    sam: str = "vit_b"
+    sam_checkpoint: Path | None = None
+    sam_seed: int = 0
+    views_per_image: int = 4
+    crop: tuple[int, int] = (512, 512)  # (H, W)
+    resize: tuple[int, int] | None = None  # (W, H); None: the dataset's DAFormer default
+    ratio_range: tuple[float, float] = (1.0, 1.0)
+    cat_max_ratio: float | None = 0.75
+    seed: int = 0
+    levels: tuple[int, ...] | None = None  # grid sizes; None: neck grid, /2, /4
+    interm: bool = False
+    feature_dtype: str = "float16"
+    views_per_shard: int = 64
+    batch_size: int = 4
+    device: str = "cpu"
+    autocast: str | None = None  # "bf16" | "fp16" on CUDA; None: bf16 on CUDA, fp32 on CPU
+    workers: int = 2
+    max_images: int | None = None  # build over the first N images only (reduced builds)
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.views_per_image <= 0:
+            raise SSRError(f"--views-per-image must be at least 1, got {self.views_per_image}")
+        if min(self.crop) <= 0:
+            raise SSRError(f"--crop must be positive, got {self.crop[0]}x{self.crop[1]}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise SSRError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
+        if self.views_per_shard <= 0:
+            raise SSRError(f"--views-per-shard must be at least 1, got {self.views_per_shard}")
+        if self.batch_size <= 0:
+            raise SSRError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise SSRError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.dataset not in DATASET_DOMAIN:
+            raise SSRError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DOMAIN)}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("data_root", "sam_checkpoint"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out

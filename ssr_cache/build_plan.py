@@ -1,0 +1,53 @@
+"""`ssr cache build --dry-run`: how many views, bytes per view per array, projected store size."""
+
+from __future__ import annotations
+
+from ssr_cache.build_config import CacheBuildConfig
+from ssr_cache.labels import NUM_CLASSES
+
+# Stored/raw ratios of the lossless codecs, measured on builds of the synthetic data with vit_b-shaped
+# features (docs/benchmarks.md); used only to project sizes before anything is built.
+PROJECTED_RATIO = {"pixels": 0.70, "labels": 0.05, "class_counts": 0.30, "float16": 0.90, "int8": 0.95}
+
+
+def feature_bytes_per_view(channels: int, grid: int, dtype: str) -> int:
+    if dtype == "int8":
+        return channels * grid * grid + 2 * channels * 4  # codes + per-channel scale and offset (fp32)
+    return channels * grid * grid * 2
+
+
+def describe_plan(cfg: CacheBuildConfig) -> dict:
+    from ssr_cache.build import open_build_dataset, resolve_levels
+    from ssr_cache.errors import SSRError
+    from ssr_cache.sam_encoder import SAM_ENCODERS
+
+    if cfg.sam not in SAM_ENCODERS:
+        raise SSRError(f"unknown SAM encoder {cfg.sam!r}; choose one of {', '.join(SAM_ENCODERS)}")
+    enc = SAM_ENCODERS[cfg.sam]
+    grid = enc.img_size // enc.patch_size
+    levels = resolve_levels(cfg, grid)
+    ds = open_build_dataset(cfg)
+    n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
+    n_views = n_images * cfg.views_per_image
+    h, w = cfg.crop
+    arrays = [
+        ("pixels", h * w * 3, PROJECTED_RATIO["pixels"]),
+        ("labels", h * w, PROJECTED_RATIO["labels"]),
+        ("class_counts", NUM_CLASSES * 4, PROJECTED_RATIO["class_counts"]),
+    ]
+    for g in levels:
+        arrays.append((f"features/l{g}", feature_bytes_per_view(enc.out_chans, g, cfg.feature_dtype),
+                       PROJECTED_RATIO[cfg.feature_dtype]))
+    if cfg.interm:
+        for k in enc.global_attn_indexes:
+            arrays.append((f"features/interm{k}", feature_bytes_per_view(enc.embed_dim, grid, cfg.feature_dtype),
+                           PROJECTED_RATIO[cfg.feature_dtype]))
+    rows = [{"name": name, "bytes_per_view": b, "projected_bytes": b * n_views * r} for name, b, r in arrays]
+    return {
+        "n_images": n_images, "views_per_image": cfg.views_per_image, "n_views": n_views,
+        "n_shards": -(-n_views // cfg.views_per_shard), "views_per_shard": cfg.views_per_shard,
+        "encoder": cfg.sam, "input_size": enc.img_size, "levels": list(levels), "feature_dtype": cfg.feature_dtype,
+        "arrays": rows,
+        "uncompressed_bytes": sum(r["bytes_per_view"] for r in rows) * n_views,
+        "projected_bytes": sum(r["projected_bytes"] for r in rows),
+    }

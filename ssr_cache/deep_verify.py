@@ -1,0 +1,74 @@
+"""`ssr cache verify --deep`: re-create a sample of views from the dataset, re-encode them, compare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssr_cache.errors import SSRError
+
+# fp16 storage: relative error per element ≤ 2^-11; allow for encoder nondeterminism across batch shapes.
+FP16_RTOL = 2e-3
+INT8_MIN_COSINE = 0.999
+
+
+def make_deep_check(*, n_views: int = 4, data_root: Path | None = None, sam_checkpoint: Path | None = None,
+                    seed: int = 0) -> Callable:
+    def check(store, candidates: list[int]) -> list[str]:
+        return deep_check(store, candidates, n_views=n_views, data_root=data_root,
+                          sam_checkpoint=sam_checkpoint, seed=seed)
+
+    return check
+
+
+def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | None,
+               sam_checkpoint: Path | None, seed: int = 0) -> list[str]:
+    from ssr_cache.build_config import DATASET_DOMAIN
+    from ssr_cache.datasets import open_dataset
+    from ssr_cache.sam_encoder import build_sam_encoder
+    from ssr_cache.views import ViewTable, apply_view
+
+    cfg = store.attrs.get("build_config")
+    if not cfg:
+        raise SSRError(f"{store.url} records no build configuration; --deep cannot re-create its views")
+    fp = store.fingerprint
+    root = Path(data_root or cfg["data_root"])
+    ckpt = sam_checkpoint or cfg.get("sam_checkpoint")
+    ds = open_dataset(cfg["dataset"], root, split=cfg["split"], require_labels=False)
+    if ds.file_list_hash() != fp["file_list_sha256"]:
+        raise SSRError(f"dataset at {root} is not the one {store.url} was built from (file list differs)")
+    encoder = build_sam_encoder(cfg["sam"], ckpt, seed=cfg["sam_seed"])
+    if encoder.fingerprint() != fp["encoder"]:
+        raise SSRError("the encoder for --deep differs from the one the store was built with "
+                       "(checkpoint or seed); pass the original --sam-checkpoint")
+    plan = ViewTable.from_arrays(store.view_arrays())
+    labelled = DATASET_DOMAIN[cfg["dataset"]] == 0
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(candidates, size=min(n_views, len(candidates)), replace=False).tolist())
+    problems = []
+    for v in chosen:
+        image, label = ds.load(int(plan.sample_index[v]))
+        crop, label_crop = apply_view(image, label if labelled else None, plan.row(v))
+        stored = store.read_view(v)
+        if not np.array_equal(stored["pixels"], crop):
+            problems.append(f"view {v}: stored pixels differ from the re-created crop")
+        if labelled and not np.array_equal(stored["label"], label_crop):
+            problems.append(f"view {v}: stored label differs from the re-created label crop")
+        fresh = encoder.encode(torch.from_numpy(crop[None]), levels=tuple(fp["levels"]))
+        for name, arr in stored["features"].items():
+            if name not in fresh:
+                continue
+            ref = fresh[name][0].float().numpy()
+            problems += compare_features(v, name, arr, ref, fp["feature_dtype"])
+    return problems
+
+
+def compare_features(view: int, name: str, stored: np.ndarray, ref: np.ndarray, dtype: str) -> list[str]:
+    if dtype == "int8":
+        cos = float((stored * ref).sum() / (np.linalg.norm(stored) * np.linalg.norm(ref) + 1e-12))
+        return [] if cos >= INT8_MIN_COSINE else [f"view {view} {name}: cosine {cos:.5f} < {INT8_MIN_COSINE}"]
+    err = np.abs(stored - ref).max() / (np.abs(ref).max() + 1e-12)
+    return [] if err <= FP16_RTOL else [f"view {view} {name}: max relative error {err:.2e} > {FP16_RTOL}"]

@@ -1,0 +1,34 @@
+"""torchrun awareness for the cache build: which rank am I, and a barrier (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def rank_info() -> RankInfo:
+    """Read torchrun's environment; starts the process group once when there is more than one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return RankInfo()
+    if not dist.is_initialized():
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("SSR_DIST_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend=backend)
+    return RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(info: RankInfo) -> None:
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()

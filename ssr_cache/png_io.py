@@ -1,0 +1,106 @@
+"""Reading and writing the PNG files of both datasets; every failure is one SSRError line naming the file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ssr_cache.errors import SSRError
+
+# What PIL raises for missing, non-image, truncated or corrupt files ("broken PNG file" is a SyntaxError).
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_LABEL_MODES = ("P", "L")
+
+
+def _open_png(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise SSRError(f"{path}: file not found") from None
+    except _READ_ERRORS as exc:
+        raise SSRError(f"{path}: not a readable image ({exc})") from None
+    if image.format != "PNG":
+        image.close()
+        raise SSRError(f"{path}: expected a PNG file, found {image.format}")
+    return image
+
+
+def _load_fully(path: Path, image: Image.Image) -> None:
+    # Image.open reads only the header; load() decodes every row, so a truncated file fails here.
+    try:
+        image.load()
+    except _READ_ERRORS as exc:
+        raise SSRError(f"{path}: truncated or corrupt PNG ({exc})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) of a PNG, from its header only."""
+    path = Path(path)
+    with _open_png(path) as image:
+        return image.size
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """The image as uint8 (H, W, 3)."""
+    path = Path(path)
+    with _open_png(path) as image:
+        _load_fully(path, image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.array(image, dtype=np.uint8)
+
+
+def read_label_ids(path: str | os.PathLike) -> np.ndarray:
+    """The raw values of a label PNG as uint8 (H, W): palette indices (GTA5) or greyscale values (Cityscapes)."""
+    path = Path(path)
+    with _open_png(path) as image:
+        if image.mode not in _LABEL_MODES:
+            raise SSRError(
+                f"{path}: label PNG has mode {image.mode}; expected a palette (P) or greyscale (L) image of "
+                "label ids, not a colour rendering"
+            )
+        _load_fully(path, image)
+        return np.array(image, dtype=np.uint8)
+
+
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write uint8 (H, W, 3) as RGB, or (H, W) as greyscale — palette mode when `palette` ((N, 3)) is given.
+
+    The file is written next to its destination and renamed into place, so a reader never sees half a file
+    and an existing file survives a failed write.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_png_atomic expects uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 3 and palette is None:
+        image = Image.fromarray(array, mode="RGB")
+    elif array.ndim == 2:
+        image = Image.fromarray(array, mode="L")
+        if palette is not None:
+            colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+            if len(colours) > 256:
+                raise ValueError(f"a PNG palette holds at most 256 colours, got {len(colours)}")
+            image = image.convert("P") if False else Image.fromarray(array, mode="P")
+            image.putpalette(colours.ravel().tolist())
+    else:
+        raise ValueError(f"write_png_atomic expects (H, W, 3) or (H, W), got shape {array.shape}")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG")
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)

@@ -1,0 +1,144 @@
+"""`ssr cache …`: build, inspect and verify SAM feature caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ssr_cache.errors import SSRError
+from ssr_cli.parsing import parse_int_list, parse_size
+
+cache_app = typer.Typer(help="SAM feature caches: build, info, verify.", no_args_is_help=True)
+console = Console()
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SSRError(f"--ratio-range must look like 0.5,2.0, got {text!r}") from None
+    return lo, hi
+
+
+@cache_app.command("build")
+def build(
+    dataset: str = typer.Option(..., help="gta5 (labelled source) or cityscapes (unlabelled target)."),
+    data_root: Path = typer.Option(..., "--data-root", help="Dataset root in the real layout."),
+    out: str = typer.Option(..., help="Store path or fsspec URL (s3://…, memory://…)."),
+    split: str = typer.Option("train", help="Dataset split."),
+    sam: str = typer.Option("vit_b", help="SAM encoder: vit_b, vit_l, vit_h, or vit_tiny (tests/demo)."),
+    sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Official SAM .pth; none = random init."),
+    sam_seed: int = typer.Option(0, help="Seed of a random-init encoder."),
+    views_per_image: int = typer.Option(4, help="Augmented views (crops) per image."),
+    crop: str = typer.Option("512", help="Crop size: 512 (square) or WxH."),
+    resize: str = typer.Option(None, help="Resize target WxH before cropping (default: 1280x720 GTA5, 1024x512 Cityscapes)."),
+    ratio_range: str = typer.Option("1.0,1.0", help="Random rescale ratio range lo,hi."),
+    seed: int = typer.Option(0, help="Seed of the view plan."),
+    levels: str = typer.Option(None, help="Stored grid sizes, e.g. 64,32,16 (default: neck, /2, /4)."),
+    interm: bool = typer.Option(False, "--interm", help="Also store the ViT global-attention block outputs."),
+    feature_dtype: str = typer.Option("float16", help="float16 (lossless wrt fp16) or int8 (per-channel affine)."),
+    views_per_shard: int = typer.Option(64, help="Views per Zarr shard file."),
+    batch_size: int = typer.Option(4, help="Views per encoder batch."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 …"),
+    workers: int = typer.Option(2, help="Decoding worker processes."),
+    max_images: int = typer.Option(None, help="Only the first N images (reduced builds)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built with other settings."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
+) -> None:
+    """Run frozen SAM once over planned views and store multi-scale embeddings."""
+    from ssr_cache.build_config import CacheBuildConfig
+
+    w, h = parse_size(crop, what="--crop")
+    cfg = CacheBuildConfig(
+        dataset=dataset, data_root=data_root, out=out, split=split, sam=sam, sam_checkpoint=sam_checkpoint,
+        sam_seed=sam_seed, views_per_image=views_per_image, crop=(h, w),
+        resize=parse_size(resize, what="--resize") if resize else None, ratio_range=_parse_range(ratio_range),
+        seed=seed, levels=parse_int_list(levels, what="--levels") if levels else None, interm=interm,
+        feature_dtype=feature_dtype, views_per_shard=views_per_shard, batch_size=batch_size, device=device,
+        workers=workers, max_images=max_images, overwrite=overwrite,
+    )
+    if dry_run:
+        from ssr_cache.build_plan import describe_plan
+
+        _print_plan(describe_plan(cfg))
+        return
+    from ssr_cache.build import build_cache
+
+    result = build_cache(cfg, console=console)
+    console.print(f"built {result.built_views} views, reused {result.reused_views}, "
+                  f"{result.n_views} in {result.url} ({result.seconds:.1f} s)")
+    if result.random_init:
+        console.print("[yellow]note: random-init encoder — features are not SAM features[/]")
+
+
+def _print_plan(plan: dict) -> None:
+    table = Table(title=f"cache plan: {plan['n_images']} images × {plan['views_per_image']} views "
+                        f"= {plan['n_views']} views", show_lines=False)
+    table.add_column("array")
+    table.add_column("per view", justify="right")
+    table.add_column("uncompressed total", justify="right")
+    table.add_column("projected on disk", justify="right")
+    for row in plan["arrays"]:
+        table.add_row(row["name"], _b(row["bytes_per_view"]), _b(row["bytes_per_view"] * plan["n_views"]),
+                      _b(row["projected_bytes"]))
+    table.add_row("[bold]total", "", _b(plan["uncompressed_bytes"]), f"[bold]{_b(plan['projected_bytes'])}")
+    console.print(table)
+    console.print(f"encoder {plan['encoder']} at {plan['input_size']}², levels {plan['levels']}, "
+                  f"{plan['feature_dtype']}, {plan['n_shards']} shards of {plan['views_per_shard']} views")
+
+
+def _b(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+@cache_app.command("info")
+def info(path: str = typer.Argument(..., help="Store path or URL.")) -> None:
+    """Fingerprint, counts, size on disk and compression ratio per array."""
+    from ssr_cache.store_inspect import store_info
+
+    data = store_info(path)
+    fp = data["fingerprint"]
+    enc = fp.get("encoder", {})
+    console.print(f"[bold]{path}[/]: {data['n_views']} views ({data['done_views']} done), dataset "
+                  f"{fp.get('dataset')}/{fp.get('split')}, encoder {enc.get('name')} "
+                  f"{'[yellow](random init)[/]' if enc.get('random_init') else ''}")
+    table = Table()
+    for col in ("array", "shape", "dtype", "chunks", "shards", "stored", "raw", "ratio"):
+        table.add_column(col, justify="left" if col in ("array", "dtype") else "right")
+    for a in data["arrays"]:
+        table.add_row(a["name"], "×".join(map(str, a["shape"])), a["dtype"], "×".join(map(str, a["chunks"])),
+                      "×".join(map(str, a["shards"])) if a.get("shards") else "-", _b(a["stored_bytes"]),
+                      _b(a["raw_bytes"]), f"{a['ratio']:.2f}")
+    console.print(table)
+    console.print(f"total on disk: {_b(data['total_stored_bytes'])}")
+
+
+@cache_app.command("verify")
+def verify(
+    path: str = typer.Argument(..., help="Store path or URL."),
+    deep: bool = typer.Option(False, "--deep", help="Re-encode a sample of views with SAM and compare."),
+    deep_views: int = typer.Option(4, help="How many views --deep re-encodes."),
+    data_root: Path = typer.Option(None, "--data-root", help="Dataset root for --deep (default: as built)."),
+    sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Checkpoint for --deep (default: as built)."),
+) -> None:
+    """Every view done, every chunk readable, shapes/dtypes, no NaN/Inf (and --deep re-encoding)."""
+    from ssr_cache.store_inspect import verify_store
+
+    deep_check = None
+    if deep:
+        from ssr_cache.deep_verify import make_deep_check
+
+        deep_check = make_deep_check(n_views=deep_views, data_root=data_root, sam_checkpoint=sam_checkpoint)
+    report = verify_store(path, progress=True, deep_check=deep_check)
+    for problem in report.problems[:50]:
+        console.print(f"[red]✗[/] {problem}")
+    if report.problems:
+        raise SSRError(f"{path}: {len(report.problems)} problem(s) found")
+    console.print(f"[green]✓[/] {path}: {report.n_views} views verified" + (" (deep)" if deep else ""))

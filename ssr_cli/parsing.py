@@ -1,0 +1,30 @@
+"""Small parsers for CLI values (sizes, level lists) that turn bad text into one-line errors."""
+
+from __future__ import annotations
+
+from ssr_cache.errors import SSRError
+
+
+def parse_size(text: str, *, what: str = "size") -> tuple[int, int]:
+    """'512x256' → (512, 256) as (W, H); a single number means a square."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise SSRError(f"{what} must look like WxH (e.g. 512x256), got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise SSRError(f"{what} must look like WxH with positive numbers, got {text!r}")
+    return values[0], values[1]
+
+
+def parse_int_list(text: str, *, what: str) -> tuple[int, ...]:
+    """'64,32,16' → (64, 32, 16)."""
+    try:
+        values = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise SSRError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise SSRError(f"{what} is empty")
+    return values

@@ -1,0 +1,1 @@
+"""Trainer: backbones, DAFormer head, SSR regulariser, UDA methods, engine, evaluation."""
