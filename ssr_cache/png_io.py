@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,10 @@ def read_label_ids(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     with _open_png(path) as image:
         if image.mode not in _LABEL_MODES:
+            hint = ", not a colour rendering" if image.mode in ("RGB", "RGBA") else ""
             raise SSRError(
                 f"{path}: label PNG has mode {image.mode}; expected a palette (P) or greyscale (L) image of "
-                "label ids, not a colour rendering"
+                f"label ids{hint}"
             )
         _load_fully(path, image)
         return np.array(image, dtype=np.uint8)
@@ -78,29 +80,27 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray, palette: np.nda
     if array.dtype != np.uint8:
         raise ValueError(f"write_png_atomic expects uint8, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 3 and palette is None:
-        image = Image.fromarray(array, mode="RGB")
+        image = Image.fromarray(np.ascontiguousarray(array))
     elif array.ndim == 2:
-        image = Image.fromarray(array, mode="L")
+        image = Image.fromarray(np.ascontiguousarray(array))  # mode L
         if palette is not None:
             colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
             if len(colours) > 256:
                 raise ValueError(f"a PNG palette holds at most 256 colours, got {len(colours)}")
-            image = image.convert("P") if False else Image.fromarray(array, mode="P")
-            image.putpalette(colours.ravel().tolist())
+            image.putpalette(colours.ravel().tolist())  # L → P, the values become palette indices
     else:
         raise ValueError(f"write_png_atomic expects (H, W, 3) or (H, W), got shape {array.shape}")
 
+    # A unique name beside the destination (same file system, so the rename is atomic); plain open() keeps
+    # the usual umask-derived permissions, unlike mkstemp's 0600.
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp_path, "xb") as handle:
             image.save(handle, format="PNG")
-        os.replace(tmp_name, path)
+        os.replace(tmp_path, path)
     except OSError as exc:
         raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        with contextlib.suppress(OSError):  # nothing to clean up when the folder itself was unusable
+            tmp_path.unlink(missing_ok=True)
