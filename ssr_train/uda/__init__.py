@@ -1,0 +1,1 @@
+"""UDA building blocks shared by the DACS/DAFormer/MIC/SSR methods."""
