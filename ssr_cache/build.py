@@ -239,8 +239,7 @@ def translate_os_error(exc: BaseException, url: str) -> BaseException:
     if isinstance(exc, OSError):
         if exc.errno == errno.ENOSPC:
             return SSRError(f"out of disk space while writing {url}; finished shards are kept, re-run to resume")
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return SSRError(f"cannot write to {url}: {exc.strerror}")
+        return SSRError(f"cannot write to {url}: {exc.strerror or exc}")
     return exc
 
 
@@ -277,12 +276,14 @@ def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, plan: ViewT
     if rank.rank == 0:
         if store_exists(cfg.out) and not cfg.overwrite:
             existing = FeatureStore.open(cfg.out, mode="r")
-            check_fingerprint(existing, fingerprint, hint="pass --overwrite to rebuild it from scratch")
+            # The package version is recorded, not compared: an upgrade may resume an existing build.
+            keys = [k for k in fingerprint if k != "package_version"]
+            check_fingerprint(existing, fingerprint, keys, hint="pass --overwrite to rebuild it from scratch")
         else:
             view_arrays = dict(plan.to_arrays(), domain=np.full(n_views, fingerprint["domain"], np.uint8))
             try:
                 FeatureStore.create(cfg.out, layout, view_arrays, sample_ids, fingerprint,
-                                    overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.to_dict()})
+                                    overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.stored_dict()})
             except OSError as exc:
                 raise translate_os_error(exc, cfg.out) from exc
     barrier(rank)

@@ -55,6 +55,14 @@ class CacheBuildConfig:
         if self.dataset not in DATASET_DOMAIN:
             raise SSRError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DOMAIN)}")
 
+    def stored_dict(self) -> dict:
+        """What the store records of its build: everything but where it was written and how it was run,
+        so that two builds of the same cache are bitwise equal wherever they live."""
+        out = self.to_dict()
+        for key in ("out", "overwrite", "workers"):
+            out.pop(key)
+        return out
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for key in ("data_root", "sam_checkpoint"):

@@ -1,0 +1,81 @@
+"""How cached arrays are encoded: int8 affine quantisation of features and the Blosc settings per array kind.
+
+Compressor choices were measured on smooth Gaussian random fields shaped like SAM neck maps
+(256 x 64 x 64, correlation length 0 / 1.5 / 3 cells, std 0.1-1), stored size relative to float32:
+
+  float16, zstd clevel 3, byte shuffle, 1 MiB blocks:   0.423 / 0.398 / 0.364   (~150 MB/s/core encode)
+  float16, zstd clevel 3, bitshuffle,   1 MiB blocks:   0.432 / 0.418 / 0.403
+  float16, zstd clevel 1, byte shuffle:                 0.423 / 0.421 / 0.388   (~450 MB/s/core)
+  int8 codes, zstd clevel 3, no shuffle, 1 MiB blocks:  0.228 / 0.231 / 0.220   (~300 MB/s/core)
+  int8 codes, zstd clevel 3, bitshuffle:                0.250 / 0.232 / 0.215
+
+Byte shuffle beats bitshuffle for float16 under zstd (zstd is byte-oriented; the sign/exponent byte is
+the compressible part). clevel 5+ gains < 1% at half the speed. Only codecs from the Zarr v3 spec
+(blosc, crc32c) are used so any v3 reader can open a cache; a numcodecs delta filter would shrink int8
+codes a further ~15-35% on smooth maps but is outside the spec.
+
+Every chunk also carries a crc32c so a damaged chunk fails loudly on read instead of decoding to garbage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+FEATURE_DTYPES = ("float16", "int8")
+FEATURE_CLEVEL = 3
+FEATURE_BLOCKSIZE = 1 << 20  # larger blocks give zstd more context (measured ~2-4% smaller than auto)
+INT8_LEVELS = 255
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-view, per-channel min/max affine quantisation of (n, C, h, w) features to uint8 codes.
+
+    Returns (codes uint8 (n,C,h,w), scale float32 (n,C), offset float32 (n,C)) with
+    x ~= codes * scale + offset. A constant channel gets scale 0 and codes 0 (exact on decode).
+    Non-finite input propagates into scale/offset so `verify` can flag it.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"quantize_int8 expects (n, C, h, w) features, got shape {x.shape}")
+    lo = x.min(axis=(2, 3))
+    hi = x.max(axis=(2, 3))
+    scale = ((hi - lo) / INT8_LEVELS).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
+        q = (x - lo[:, :, None, None]) * inv[:, :, None, None]
+    codes = np.clip(np.rint(np.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)), 0, INT8_LEVELS)
+    return codes.astype(np.uint8), scale, lo.astype(np.float32)
+
+
+def dequantize_int8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Inverse of `quantize_int8`; works for (n, C, h, w) with (n, C) params or (C, h, w) with (C,)."""
+    codes = np.asarray(codes)
+    scale = np.asarray(scale, dtype=np.float32)[..., None, None]
+    offset = np.asarray(offset, dtype=np.float32)[..., None, None]
+    return codes.astype(np.float32) * scale + offset
+
+
+def feature_compressors(dtype: str) -> tuple:
+    """Blosc + crc32c for feature arrays: `dtype` is the stored feature dtype, "float16" or "int8"."""
+    if dtype == "float16":
+        blosc = BloscCodec(cname="zstd", clevel=FEATURE_CLEVEL, shuffle="shuffle", blocksize=FEATURE_BLOCKSIZE)
+    elif dtype == "int8":  # the uint8 codes
+        blosc = BloscCodec(cname="zstd", clevel=FEATURE_CLEVEL, shuffle="noshuffle", blocksize=FEATURE_BLOCKSIZE)
+    else:
+        raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+    return (blosc, Crc32cCodec())
+
+
+def lossless_compressors(dtype: np.dtype | str) -> tuple:
+    """Blosc zstd + crc32c for pixels, labels, counts, quantisation params and the view table.
+
+    Bytes (images, label maps) compress best unshuffled; wider types get byte shuffle.
+    """
+    shuffle = "noshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
+    return (BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), Crc32cCodec())
+
+
+def flag_compressors() -> tuple:
+    """Done flags: a few dozen bytes per shard, so no compression; the checksum makes a torn write unreadable."""
+    return (Crc32cCodec(),)

@@ -1,0 +1,69 @@
+"""int8 affine quantisation of feature maps and the Blosc settings chosen per array kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ssr_cache.feature_codec import dequantize_int8, feature_compressors, lossless_compressors, quantize_int8
+
+
+def test_quantize_shapes_and_error_bound():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 0.3, (3, 16, 8, 8)) + rng.normal(0, 2, (3, 16, 1, 1))).astype(np.float32)
+    codes, scale, offset = quantize_int8(x)
+    assert codes.dtype == np.uint8 and codes.shape == x.shape
+    assert scale.dtype == offset.dtype == np.float32 and scale.shape == offset.shape == (3, 16)
+    assert codes.min() == 0 and codes.max() == 255  # min/max map to the ends of the code range
+    np.testing.assert_allclose(offset, x.min(axis=(2, 3)))
+    np.testing.assert_allclose(scale, (x.max(axis=(2, 3)) - x.min(axis=(2, 3))) / 255, rtol=1e-6)
+    y = dequantize_int8(codes, scale, offset)
+    assert y.dtype == np.float32
+    assert (np.abs(y - x) <= scale[:, :, None, None] / 2 + 1e-6).all()
+    single = dequantize_int8(codes[1], scale[1], offset[1])  # one view: (C,h,w) with (C,) params
+    np.testing.assert_array_equal(single, y[1])
+
+
+def test_constant_channel_is_exact():
+    x = np.random.default_rng(1).normal(size=(2, 4, 5, 5)).astype(np.float32)
+    x[0, 2] = 3.25
+    x[1, 0] = 0.0
+    codes, scale, offset = quantize_int8(x)
+    assert scale[0, 2] == 0 and scale[1, 0] == 0 and not codes[0, 2].any()
+    y = dequantize_int8(codes, scale, offset)
+    assert (y[0, 2] == 3.25).all() and (y[1, 0] == 0.0).all()
+    assert np.isfinite(y).all()
+
+
+def test_int8_cosine_on_gaussian_features():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (4, 256, 32, 32)).astype(np.float32) * rng.uniform(0.1, 1.0, (1, 256, 1, 1))
+    y = dequantize_int8(*quantize_int8(x))
+    a = x.transpose(0, 2, 3, 1).reshape(-1, 256)
+    b = y.transpose(0, 2, 3, 1).reshape(-1, 256)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    print(f"int8 per-token cosine on Gaussian features: min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert cos.min() >= 0.999
+
+
+def test_nonfinite_input_shows_in_scale():
+    x = np.zeros((1, 2, 3, 3), np.float32)
+    x[0, 1, 1, 1] = np.nan
+    codes, scale, offset = quantize_int8(x)
+    assert np.isfinite(scale[0, 0]) and not np.isfinite(scale[0, 1])
+    assert codes.dtype == np.uint8
+    with pytest.raises(ValueError, match="expects"):
+        quantize_int8(np.zeros((2, 3, 3), np.float32))
+
+
+def test_compressor_choices():
+    fp16, crc = feature_compressors("float16")
+    assert isinstance(fp16, BloscCodec) and isinstance(crc, Crc32cCodec)
+    assert fp16.cname.value == "zstd" and fp16.clevel == 3 and fp16.shuffle.value == "shuffle"
+    int8 = feature_compressors("int8")[0]
+    assert int8.shuffle.value == "noshuffle" and int8.blocksize == 1 << 20
+    assert lossless_compressors("uint8")[0].shuffle.value == "noshuffle"
+    assert lossless_compressors("int32")[0].shuffle.value == "shuffle"
+    with pytest.raises(ValueError, match="float16"):
+        feature_compressors("bfloat16")
