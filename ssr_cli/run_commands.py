@@ -5,15 +5,13 @@ from __future__ import annotations
 import typer
 
 from ssr_cache.errors import SSRError
+from ssr_cli.train_command import train
 
 _LOOSE = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def register_run_commands(app: typer.Typer) -> None:
-    @app.command("train", context_settings=_LOOSE)
-    def train() -> None:
-        """Train a segmenter (source-only, DAFormer, MIC; ± SSR) from feature caches."""
-        raise SSRError("`ssr train` is not available yet (tracked in the trainer issues)")
+    app.command("train")(train)
 
     @app.command("eval", context_settings=_LOOSE)
     def evaluate() -> None:

@@ -44,6 +44,12 @@ class ModelConfig:
     ssr: bool = True
     ssr_stages: tuple[int, ...] = (0, 1, 2, 3)
     ssr_key_level: int | None = None  # grid size of the stored SAM level K/V come from; None: finest
+    # "cache": SAM features streamed from the stores (SAM never loaded). "online": the reference mode,
+    # frozen SAM run in the loop on the exact (mixed, jittered) images — for fidelity/speed comparisons.
+    sam_source: str = "cache"
+    sam_encoder: str = "vit_b"
+    sam_checkpoint: str | None = None
+    sam_seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,43 @@
+"""Where the regulariser's SAM tokens come from: the cache (default) or a frozen encoder in the loop."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ssr_cache.errors import SSRError
+
+
+class SamFeatureSource:
+    """`cached(batch)` reads the batch's stored level; `of_images(img)` runs SAM (online mode only)."""
+
+    def __init__(self, level: str | None, *, online: bool = False, encoder_name: str = "vit_b",
+                 checkpoint: str | None = None, seed: int = 0, device: torch.device | str = "cpu"):
+        self.level = level
+        self.online = online and level is not None
+        self.encoder = None
+        if self.online:
+            # Imported only here: in cache mode the trainer never imports segment_anything.
+            from ssr_cache.sam_encoder import build_sam_encoder
+
+            self.encoder = build_sam_encoder(encoder_name, checkpoint, seed=seed, device=device)
+            self.grid = int(level[1:])
+            if self.encoder.grid % self.grid:
+                raise SSRError(f"SAM level {level} does not divide the {encoder_name} grid {self.encoder.grid}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.level is not None
+
+    def cached(self, batch: dict) -> Tensor | None:
+        return batch["sam"][self.level] if self.level else None
+
+    def of_images(self, img: Tensor) -> Tensor:
+        """SAM features of normalised images (B,3,H,W), exactly as the reference feeds them."""
+        out = self.encoder.encode(img, levels=(self.grid,), normalized=True)
+        return out[self.level].to(img.device)
+
+    def source(self, batch: dict) -> Tensor | None:
+        if not self.enabled:
+            return None
+        return self.of_images(batch["img"]) if self.online else self.cached(batch)
