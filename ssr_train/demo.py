@@ -19,13 +19,13 @@ from ssr_cache.errors import SSRError
 class DemoConfig:
     out: Path
     quick: bool = False
-    train_images: int = 120
+    train_images: int = 100
     val_images: int = 30
     size: tuple[int, int] = (256, 128)  # (W, H) of the synthetic images
     crop: tuple[int, int] = (128, 128)
     views_per_image: int = 2
-    iters_source_only: int = 600
-    iters_uda: int = 600
+    iters_source_only: int = 400
+    iters_uda: int = 320
     lr: float = 6e-4
     batch_size: int = 4
     backbone: str = "mit_b0"
@@ -36,8 +36,8 @@ class DemoConfig:
     @classmethod
     def for_mode(cls, out: Path, *, quick: bool, seed: int = 0) -> DemoConfig:
         if quick:
-            return cls(out=out, quick=True, train_images=48, val_images=16, iters_source_only=120,
-                       iters_uda=120, seed=seed)
+            return cls(out=out, quick=True, train_images=48, val_images=16, iters_source_only=100,
+                       iters_uda=90, seed=seed)
         return cls(out=out, seed=seed)
 
 
@@ -58,11 +58,13 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
         raise SSRError(f"{out} exists and is not a demo folder; choose an empty --out")
     out.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    (out / "demo.json").write_text(json.dumps({"config": config, "state": "running"}, indent=2))
     t0 = time.perf_counter()
     console.rule("1/4 synthetic data (GTA5-like source, Cityscapes-like target)")
     data = out / "data"
     synthesize(data, train=cfg.train_images, val=cfg.val_images, size=cfg.size, seed=cfg.seed,
-               workers=cfg.workers, progress=progress)
+               workers=max(1, cfg.workers), progress=progress)
 
     console.rule("2/4 SAM feature caches (vit_tiny, RANDOM weights: a pipeline demo, not SAM features)")
     caches = {}
@@ -92,8 +94,7 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
                         save_preds=run_dir / "preds" if name == "daformer+ssr" else None, write=True)
         results.append(DemoRow(name, src, tgt, seconds))
     _plots(out, rows)
-    summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-               "random_init_sam": True, "seconds": time.perf_counter() - t0,
+    summary = {"config": config, "state": "done", "random_init_sam": True, "seconds": time.perf_counter() - t0,
                "results": [asdict(r) for r in results]}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return results
@@ -122,7 +123,7 @@ def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_
     from ssr_train.evaluation import evaluate, load_run_model, write_eval_json
 
     model, _ = load_run_model(run_dir)
-    ds = open_dataset(dataset, root, split="val", require_labels=True)
+    ds = open_dataset(dataset, root, split="val" if dataset == "cityscapes" else "all", require_labels=True)
     result = evaluate(model, ds, resize=cfg.size, workers=0, progress=False, save_preds=save_preds)
     if write:
         write_eval_json(run_dir, result, extra={"dataset": dataset, "split": "val"})
