@@ -22,17 +22,15 @@ size is resized with nearest neighbour first, as in training); ignored pixels (2
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ssr_cache.atomic_file import write_text_atomic
 from ssr_cache.datasets import SegmentationDataset
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import CLASS_NAMES, NUM_CLASSES
@@ -139,16 +137,7 @@ def write_class_stats(path: str | Path, dataset_name: str, sample_ids: list[str]
     body = "{\n" + ",\n".join(rows) + "\n  }" if rows else "{}"
     text = "{\n" + "\n".join(lines) + f'\n  "counts": {body}\n}}\n'
 
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path.write_text(text, encoding="utf-8")
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write class statistics ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):  # nothing to clean up when the folder itself was unusable
-            tmp_path.unlink(missing_ok=True)
+    write_text_atomic(path, text, what="class statistics")
 
 
 def load_class_stats(path: str | Path) -> ClassStats:

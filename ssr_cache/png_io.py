@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ssr_cache.atomic_file import write_atomic
 from ssr_cache.errors import SSRError
 
 # What PIL raises for missing, non-image, truncated or corrupt files ("broken PNG file" is a SyntaxError).
@@ -91,16 +90,4 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray, palette: np.nda
     else:
         raise ValueError(f"write_png_atomic expects (H, W, 3) or (H, W), got shape {array.shape}")
 
-    # A unique name beside the destination (same file system, so the rename is atomic); plain open() keeps
-    # the usual umask-derived permissions, unlike mkstemp's 0600.
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp_path, "xb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):  # nothing to clean up when the folder itself was unusable
-            tmp_path.unlink(missing_ok=True)
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))

@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 import re
-import secrets
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ssr_cache.atomic_file import write_text_atomic
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import CLASS_NAMES, ID_PALETTE, ID_TO_TRAINID, NUM_CLASSES
 from ssr_cache.png_io import write_png_atomic
@@ -182,12 +181,7 @@ def _check_args(out: Path, train: int, val: int, size: tuple[int, int], seed: in
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 _OUR_NAMES = re.compile(r"^(\d{5}\.png|[a-z]+_\d{6}_\d{6}_(leftImg8bit|gtFine_labelIds)\.png)$")

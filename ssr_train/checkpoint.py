@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from ssr_cache.atomic_file import write_atomic
 from ssr_cache.errors import SSRError
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: torch.save(obj, handle), fsync=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ssr_cache.atomic_file import write_text_atomic
 from ssr_cache.errors import SSRError
 
 if sys.version_info >= (3, 11):
@@ -153,7 +154,4 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as TOML (None values are omitted: they mean 'the default')."""
     import tomli_w
 
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(tomli_w.dumps(_toml_ready(cfg.to_dict())))
-    tmp.replace(path)
+    write_text_atomic(path, tomli_w.dumps(_toml_ready(cfg.to_dict())))

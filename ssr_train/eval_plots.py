@@ -14,6 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ssr_cache.atomic_file import write_atomic
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import PALETTE
 
@@ -72,18 +73,8 @@ def _figure(size: tuple[int, int]) -> Figure:
 
 
 def _save_atomic(figure: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)  # no bbox_inches: keep the exact pixel size
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # no bbox_inches: keep the exact pixel size
+    return write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
 
 
 def _class_axes(figure: Figure, names: list[str]):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ssr_cache.atomic_file import write_atomic
 from ssr_cache.datasets import SegmentationDataset
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import CLASS_NAMES
@@ -343,15 +344,7 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, write)
 
 
 def class_names(num_classes: int) -> list[str]:

@@ -17,9 +17,7 @@ pending images so memory stays flat over a long evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssr_cache.atomic_file import write_atomic
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import ID_PALETTE, NUM_CLASSES, TRAINID_PALETTE, TRAINID_TO_ID
 from ssr_cache.png_io import write_png_atomic
@@ -60,17 +59,8 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, label: np.ndarray | None)
 
 
 def _write_jpeg_atomic(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp_path, "xb") as handle:
-            Image.fromarray(np.ascontiguousarray(rgb)).save(handle, format="JPEG", quality=quality)
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        raise SSRError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink(missing_ok=True)
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    write_atomic(path, lambda handle: image.save(handle, format="JPEG", quality=quality))
 
 
 def write_prediction(
