@@ -28,7 +28,7 @@ def demo(
         table.add_row(r.name, _f(r.source_val_miou), _f(r.target_val_miou), f"{r.seconds:.0f} s")
     console.print(table)
     console.print(f"chance level is {100 / 19:.1f}; plots: {out}/iou_*.png, {out}/compare.png; overlays: "
-                  f"{out}/runs/daformer+ssr/preds/overlay/")
+                  f"{out}/runs/{rows[-1].name}/preds/overlay/")
 
 
 def _f(v: float | None) -> str:

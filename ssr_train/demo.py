@@ -32,6 +32,9 @@ class DemoConfig:
     head_embed_dim: int = 64  # the reference 256 makes the DAFormer head ~4x slower on a CPU
     seed: int = 0
     workers: int = 1
+    # (run name, method, SSR on?); source-only runs get iters_source_only, the UDA methods iters_uda
+    runs: tuple[tuple[str, str, bool], ...] = (("source-only", "source-only", False),
+                                               ("daformer+ssr", "daformer", True))
 
     @classmethod
     def for_mode(cls, out: Path, *, quick: bool, seed: int = 0) -> DemoConfig:
@@ -76,10 +79,9 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
                     progress=progress, console=console)
 
     console.rule("3/4 training")
-    runs = {"source-only": ("source-only", False, cfg.iters_source_only),
-            "daformer+ssr": ("daformer", True, cfg.iters_uda)}
     rows = []
-    for name, (method, ssr, iters) in runs.items():
+    for name, method, ssr in cfg.runs:
+        iters = cfg.iters_source_only if method == "source-only" else cfg.iters_uda
         t = time.perf_counter()
         run_dir = out / "runs" / name
         _train(cfg, method=method, ssr=ssr, iters=iters, run_dir=run_dir, caches=caches, console=console,
@@ -91,7 +93,7 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
     for name, run_dir, seconds in rows:
         src = _evaluate(run_dir, "gta5", data / "gta5_val", cfg, save_preds=None)
         tgt = _evaluate(run_dir, "cityscapes", data / "cityscapes", cfg,
-                        save_preds=run_dir / "preds" if name == "daformer+ssr" else None, write=True)
+                        save_preds=run_dir / "preds" if name == rows[-1][0] else None, write=True)
         results.append(DemoRow(name, src, tgt, seconds))
     _plots(out, rows)
     summary = {"config": config, "state": "done", "random_init_sam": True, "seconds": time.perf_counter() - t0,
@@ -136,5 +138,5 @@ def _plots(out: Path, rows) -> None:
     for name, run_dir, _ in rows:
         ev = read_eval_json(run_dir / "eval.json")
         plot_class_iou(ev["per_class"], out / f"iou_{name}.png", title=f"{name}: target val", miou=ev["miou"])
-    (a, run_a, _), (b, run_b, _) = rows
+    (a, run_a, _), (b, run_b, _) = rows[0], rows[-1]
     plot_iou_delta(compare_runs(run_a, run_b), out / "compare.png", label_a=a, label_b=b)
