@@ -9,6 +9,7 @@ A rank of a torchrun job owns whole shards; finished shards are skipped on a re-
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import queue
 import threading
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssr_cache.build_config import DATASET_DOMAIN, CacheBuildConfig
 from ssr_cache.datasets import SegmentationDataset, open_dataset
-from ssr_cache.distributed import RankInfo, barrier, rank_info
+from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
 from ssr_cache.errors import SSRError
 from ssr_cache.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr_cache.views import ViewPlanConfig, ViewTable, apply_view, class_counts
@@ -297,6 +298,7 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None) -
 
     console = console or Console()
     rank = rank_info()
+    cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
     t0 = time.perf_counter()
     ds = open_build_dataset(cfg)
     labelled = DATASET_DOMAIN[cfg.dataset] == 0

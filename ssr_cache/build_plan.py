@@ -5,9 +5,10 @@ from __future__ import annotations
 from ssr_cache.build_config import CacheBuildConfig
 from ssr_cache.labels import NUM_CLASSES
 
-# Stored/raw ratios of the lossless codecs, measured on builds of the synthetic data with vit_b-shaped
-# features (docs/benchmarks.md); used only to project sizes before anything is built.
-PROJECTED_RATIO = {"pixels": 0.70, "labels": 0.05, "class_counts": 0.30, "float16": 0.90, "int8": 0.95}
+# Stored/raw ratios used only to project sizes before anything is built. Features: measured in
+# docs/benchmarks.md (fp16 0.379 of fp32 = 0.76 of raw fp16; int8 0.240 of fp32 = 0.96 of raw codes).
+# Pixels, labels, counts: estimates for photographs / label maps (not measured on real data yet).
+PROJECTED_RATIO = {"pixels": 0.70, "labels": 0.05, "class_counts": 0.30, "float16": 0.76, "int8": 0.96}
 
 
 def feature_bytes_per_view(channels: int, grid: int, dtype: str) -> int:

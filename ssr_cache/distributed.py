@@ -29,6 +29,11 @@ def rank_info() -> RankInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_device(device: str, info: RankInfo) -> str:
+    """Under torchrun, a bare 'cuda' means this rank's GPU (LOCAL_RANK), not cuda:0 for every rank."""
+    return f"cuda:{info.local_rank}" if device == "cuda" and info.world_size > 1 else device
+
+
 def barrier(info: RankInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.barrier()

@@ -84,7 +84,11 @@ class Trainer:
         self.console = console or Console()
         self.progress = progress
         self.rank, self.world = _rank()
-        self.device = torch.device(cfg.run.device)
+        device = cfg.run.device
+        if device == "cuda" and self.world > 1:  # torchrun: each rank on its own GPU
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
         self.run_dir = Path(cfg.run.out)
 
     # ------------------------------------------------------------ setup

@@ -14,8 +14,11 @@ def _is_no_decay(name: str) -> bool:
     return "norm" in name or "pos_block" in name
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, head_prefixes=("head.", "regularizer.")) -> torch.optim.AdamW:
-    """Groups: backbone (lr), head + SSR regulariser (lr x head_lr_mult); each split by decay / no decay."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, head_prefixes=("head.",)) -> torch.optim.AdamW:
+    """Groups: backbone + SSR regulariser (lr), decode head (lr x head_lr_mult); each split by decay / no decay.
+
+    The SSR reference names its regulariser modules so that mmcv's 'head' key does not match them: they
+    train at the base learning rate, and so do ours."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -48,3 +48,14 @@ def test_param_groups_head_lr_x10_and_no_decay_on_norms():
     groups = {(round(g["lr"], 12), g["weight_decay"]): sum(p.numel() for p in g["params"])
               for g in opt.param_groups}
     assert groups == {(6e-5, 0.01): 20, (6e-5, 0.0): 8, (6e-4, 0.01): 10 + 4}
+
+
+def test_ssr_regulariser_trains_at_the_base_lr_as_in_the_reference():
+    from ssr_train.model_factory import build_model
+
+    model = build_model(TrainConfig().replace("model", backbone="mit_b0").model)
+    opt = build_optimizer(model, OptimConfig())
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert {lr_of[id(p)] for n, p in named.items() if n.startswith("regularizer.")} == {6e-5}
+    assert {round(lr_of[id(p)], 12) for n, p in named.items() if n.startswith("head.")} == {6e-4}

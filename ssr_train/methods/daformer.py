@@ -11,6 +11,8 @@ One iteration (the reference order):
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -38,7 +40,8 @@ class DAFormer(nn.Module):
         m = cfg.model
         self.sam = SamFeatureSource(sam_level, online=m.sam_source == "online", encoder_name=m.sam_encoder,
                                     checkpoint=m.sam_checkpoint, seed=m.sam_seed, device=cfg.run.device)
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 12345)
+        # Each torchrun rank draws its own ClassMix / jitter / MIC masks.
+        self.generator = torch.Generator().manual_seed(cfg.run.seed + 12345 + int(os.environ.get("RANK", "0")))
         self.masker = None
         self._step_count = 0
 
