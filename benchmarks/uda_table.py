@@ -33,8 +33,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=",".join(r[0] for r in RUNS),
+                        help="comma-separated subset of: " + ", ".join(r[0] for r in RUNS))
     args = parser.parse_args()
-    cfg = dataclasses.replace(DemoConfig.for_mode(args.out, quick=args.quick, seed=args.seed), runs=RUNS)
+    wanted = args.runs.split(",")
+    unknown = sorted(set(wanted) - {r[0] for r in RUNS})
+    if unknown:
+        parser.error(f"unknown run(s): {', '.join(unknown)}")
+    runs = tuple(r for r in RUNS if r[0] in wanted)
+    cfg = dataclasses.replace(DemoConfig.for_mode(args.out, quick=args.quick, seed=args.seed), runs=runs)
     rows = run_demo(cfg, console=Console())
     print(f"\n{cfg.train_images} train images/domain, {cfg.val_images} val, {cfg.size[0]}x{cfg.size[1]}, "
           f"crop {cfg.crop[0]}, {cfg.iters_source_only} source-only / {cfg.iters_uda} UDA iterations, "
