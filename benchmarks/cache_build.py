@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_output import line, sync
 from rich.console import Console
 
 from ssr_cache.build import ViewCropDataset, build_cache, iter_batches, open_build_dataset, plan_build
@@ -63,16 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.views < 1 or args.views_per_image < 1 or args.batch_size < 1 or args.read_rounds < 1:
         p.error("--views, --views-per-image, --batch-size and --read-rounds must be at least 1")
     return args
-
-
-def line(name: str, value: float | str, detail: str = "", fmt: str = ".4g") -> None:
-    text = format(value, fmt) if isinstance(value, float) else str(value)
-    print(f"{name}={text}" + (f"  ({detail})" if detail else ""), flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- data

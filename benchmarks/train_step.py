@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_output import line, sync
 from rich.console import Console
 
 from ssr_cache.build import build_cache
@@ -97,16 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps, --batch-size, --crop, --head-dim, --mem-steps and --threads must be at least 1, "
                 "--warmup at least 0")
     return args
-
-
-def line(name: str, value: float | str, detail: str = "", fmt: str = ".4g") -> None:
-    text = format(value, fmt) if isinstance(value, float) else str(value)
-    print(f"{name}={text}" + (f"  ({detail})" if detail else ""), flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- data: caches and the fixed batch
