@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_output import line, sync
+from bench_output import line, run_in_workdir, sync
 from rich.console import Console
 
 from ssr_cache.build import ViewCropDataset, build_cache, iter_batches, open_build_dataset, plan_build
@@ -198,12 +197,7 @@ def read_benchmark(stores: dict[str, FeatureStore], pngs: dict[str, list[Path]],
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message="SAM encoder .* has no checkpoint")
-    if args.out is None:
-        with tempfile.TemporaryDirectory(prefix="ssr-bench-") as tmp:
-            run(args, Path(tmp))
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        run(args, args.out)
+    run_in_workdir(run, args, prefix="ssr-bench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

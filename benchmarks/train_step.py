@@ -30,14 +30,13 @@ import re
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_output import line, sync
+from bench_output import line, run_in_workdir, sync
 from rich.console import Console
 
 from ssr_cache.build import build_cache
@@ -343,12 +342,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.batch_size}, crop {args.crop}; {args.sam} at {enc.img_size}, SSR keys from l{grid}")
         print_flops(step_flops(args, enc.out_chans, grid), args)
         return
-    if args.out is None:
-        with tempfile.TemporaryDirectory(prefix="ssr-bench-step-") as tmp:
-            run(args, Path(tmp))
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        run(args, args.out)
+    run_in_workdir(run, args, prefix="ssr-bench-step-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ssr_cache.distributed import rank_device, rank_info
 from ssr_cache.errors import SSRError
 from ssr_train.cached_views import CachedViewDataset, ViewStreamSampler, batch_to_device, collate_views
 from ssr_train.checkpoint import load_checkpoint, save_atomic
@@ -37,14 +37,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _rank() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("SSR_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
 def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
@@ -83,10 +75,10 @@ class Trainer:
         self.resume = resume
         self.console = console or Console()
         self.progress = progress
-        self.rank, self.world = _rank()
-        device = cfg.run.device
-        if device == "cuda" and self.world > 1:  # torchrun: each rank on its own GPU
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        ranks = rank_info()  # the same torchrun handling as the cache build
+        self.rank, self.world = ranks.rank, ranks.world_size
+        device = rank_device(cfg.run.device, ranks)  # torchrun: 'cuda' means this rank's GPU
+        if device.startswith("cuda:") and self.world > 1:
             torch.cuda.set_device(device)
         self.device = torch.device(device)
         self.run_dir = Path(cfg.run.out)
@@ -235,7 +227,6 @@ class Trainer:
                 if cfg.optim.grad_clip:
                     losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
                 optimizer.step()
-                method.after_step(it) if hasattr(method, "after_step") else None
                 first = first or dict(losses)
                 done = it + 1
                 if done % cfg.run.log_every == 0 or done == cfg.run.iters:
