@@ -26,7 +26,9 @@ from ssr_train.backbones import MIT_VARIANTS, Backbone
 _PATCH_EMBED = re.compile(r"^patch_embed([1-4])\.(.+)$")
 _BLOCK = re.compile(r"^block([1-4])\.(\d+)\.(.+)$")
 _STAGE_NORM = re.compile(r"^norm([1-4])\.(.+)$")
-_WRAPPER_PREFIXES = ("module.", "backbone.")
+# DDP wrapper, then a DAFormer/MIC UDA run's student (``model.``, beside ``ema_model.``/``imnet_model.``),
+# then a whole segmentor's backbone.
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class LoadReport:
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: `state_dict` / `model` wrappers and `backbone.` prefixes removed."""
+    """The tensors of a checkpoint: `state_dict` / `model` wrappers and `module.` / `model.` / `backbone.`
+    prefixes removed (a DAFormer/MIC UDA checkpoint gives its student backbone)."""
     if not isinstance(obj, Mapping):
         raise SSRError(f"not a MiT checkpoint: expected a dict of tensors, got {type(obj).__name__}")
     for wrapper in ("state_dict", "model"):
@@ -51,7 +54,7 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     for prefix in _WRAPPER_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
-            # A whole segmentor (DAFormer export): keep only the backbone part.
+            # A whole segmentor or UDA run: keep only the part under the prefix.
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 

@@ -159,7 +159,7 @@ def test_mit_definition_param_count_matches_backbone(variant: str) -> None:
     }[variant]
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "backbone_prefix", "ddp_prefix"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "backbone_prefix", "ddp_prefix", "daformer_uda"])
 def test_checkpoint_wrappers_are_unwrapped(wrap: str) -> None:
     sd = lazy_mmseg_state_dict("mit_b0")
     segmentor = {f"backbone.{k}": v for k, v in sd.items()} | {"decode_head.conv_seg.bias": torch.zeros(19)}
@@ -169,6 +169,11 @@ def test_checkpoint_wrappers_are_unwrapped(wrap: str) -> None:
         "model": {"model": sd},
         "backbone_prefix": {"state_dict": segmentor},
         "ddp_prefix": {f"module.backbone.{k}": v for k, v in sd.items()},
+        # A DAFormer/MIC UDA run saves student, EMA teacher and ImageNet copy; the student is the
+        # model DAFormer evaluates, so it is the one taken.
+        "daformer_uda": {"state_dict": {f"{m}.backbone.{k}": v if m == "model" else torch.zeros_like(v)
+                                        for m in ("model", "ema_model", "imnet_model") for k, v in sd.items()}
+                         | {"model.decode_head.conv_seg.bias": torch.zeros(19)}},
     }[wrap]
     converted = convert_mit_state_dict(saved)
     assert len(converted) == len(sd) - 2
