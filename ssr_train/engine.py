@@ -150,17 +150,28 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self, it: int, method, optimizer, losses: dict) -> dict:
+    def _rng_state(self, method) -> dict:
+        """This rank's random streams: the global ones and the method's own augmentation generator."""
+        generator = getattr(method, "generator", None)
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "method_generator": generator.get_state() if generator is not None else None}
+
+    def _checkpoint_state(self, it: int, method, optimizer, losses: dict, rng_per_rank: list[dict]) -> dict:
         return {"iteration": it, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
                 "config": self.cfg.to_dict(), "losses": losses}
 
     def _save(self, it: int, method, optimizer, losses: dict) -> None:
+        # Every rank's random streams differ (seeded seed + rank), so rank 0 collects them all: a resumed
+        # N-rank run then continues each rank's augmentations and drop-path draws exactly.
+        rng_per_rank = [self._rng_state(method)]
+        if self.world > 1:
+            rng_per_rank = [None] * self.world
+            dist.all_gather_object(rng_per_rank, self._rng_state(method))
         if self.rank != 0:
             return
-        save_atomic(self._checkpoint_state(it, method, optimizer, losses), self.run_dir / "latest.pth")
+        save_atomic(self._checkpoint_state(it, method, optimizer, losses, rng_per_rank), self.run_dir / "latest.pth")
         export = {"state_dict": method.export_model().export_state_dict(), "config": self.cfg.to_dict(),
                   "iteration": it}
         save_atomic(export, self.run_dir / "model.pth")
@@ -169,12 +180,31 @@ class Trainer:
         ckpt = load_checkpoint(self.run_dir / "latest.pth")
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        return int(ckpt["iteration"])
+        iteration = int(ckpt["iteration"])
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(per_rank) == self.world:
+            self._set_rng_state(per_rank[self.rank], method)
+        else:
+            # Another world size: the streams cannot continue exactly; give each rank fresh, distinct ones.
+            if self.rank == 0:
+                self.console.print(f"[yellow]resuming a {len(per_rank)}-rank checkpoint on {self.world} ranks: "
+                                   "training continues, but not bit-exactly as the original run would have")
+            _seed_everything(self.cfg.run.seed + 1_000_003 * iteration + self.rank, self.cfg.run.deterministic)
+            generator = getattr(method, "generator", None)
+            if generator is not None:
+                generator.manual_seed(self.cfg.run.seed + 12345 + 1_000_003 * iteration + self.rank)
+        return iteration
+
+    @staticmethod
+    def _set_rng_state(rng: dict, method) -> None:
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        generator = getattr(method, "generator", None)
+        if generator is not None and rng.get("method_generator") is not None:
+            generator.set_state(rng["method_generator"])
 
     # ------------------------------------------------------------ the loop
 

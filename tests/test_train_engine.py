@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +171,50 @@ def test_two_process_torchrun_training(caches, tmp_path):
     metrics = read_metrics(run)
     assert [m["iter"] for m in metrics] == [1, 2, 3, 4]  # rank 0 alone writes
     assert load_iteration(run) == 4
+
+
+def _torchrun(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "ssr_cli", *args]
+
+
+def test_two_process_torchrun_daformer_resumes_exactly(caches, tmp_path):
+    """Each rank draws its own ClassMix masks and drop-path noise; a killed 2-rank run must continue every
+    rank's streams (not rank 0's on both), or the averaged gradients and so rank 0's losses drift."""
+    src, tgt = caches
+    env = dict(os.environ, OMP_NUM_THREADS="1", SSR_DIST_BACKEND="gloo")
+
+    def args(run, *extra):
+        return tiny_train_args(src, run, "--target-cache", str(tgt), "--method", "daformer", "--iters", "10",
+                               "--checkpoint-every", "2", *extra)
+
+    reference = tmp_path / "reference"
+    ok = subprocess.run(_torchrun(29541, *args(reference)), capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(29542, *args(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and load_iteration(killed) < 2:
+        time.sleep(0.05)
+    # torchrun starts each rank in a session of its own, so killing its group would leave the ranks running
+    ranks = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+             for pid in (task / "children").read_text().split()]
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    assert len(ranks) == 2
+    at_kill = load_iteration(killed)
+    assert 2 <= at_kill < 10, "the kill must land mid-run"
+    assert len(torch.load(killed / "latest.pth", weights_only=False)["rng_per_rank"]) == 2
+    resumed = subprocess.run(_torchrun(29543, *tiny_train_args(src, killed, "--resume")), capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = {m["iter"]: m["loss"] for m in read_metrics(reference)}
+    got = {m["iter"]: m["loss"] for m in read_metrics(killed)}
+    assert sorted(got) == list(range(1, 11))
+    assert got == ref
 
 
 def test_unknown_method_and_missing_target(caches, tmp_path):
