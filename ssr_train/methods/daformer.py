@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ssr_train.methods.sam_features import SamFeatureSource
+from ssr_train.methods.step_log import read_scalars
 from ssr_train.segmentor import segmentation_loss, ssr_loss
 from ssr_train.uda.classmix import classmix_masks, mix, mix_features, mixed_pixel_weight
 from ssr_train.uda.ema import make_teacher, teacher_train_mode, update_ema
@@ -62,7 +63,7 @@ class DAFormer(nn.Module):
 
     def step(self, it: int, source: dict, target: dict | None = None) -> dict[str, float]:
         u = self.cfg.uda
-        log: dict[str, float] = {}
+        log: dict[str, torch.Tensor] = {}  # read back once, at the end
         # 2 (first, as DACS does): the EMA teacher follows the student of the previous iteration.
         update_ema(self.teacher, self.model, it, u.ema_alpha)
 
@@ -71,15 +72,15 @@ class DAFormer(nn.Module):
         out = self.model.forward_train(src_img, sam=self.sam.source(source))
         src = ssr_loss(out, src_label, mean_over="all")
         loss = src["total"]
-        log["loss_src"] = float(src["loss_plain"].detach())
+        log["loss_src"] = src["loss_plain"]
         if src["loss_enhanced"] is not None:
-            log["loss_src_ssr"] = float(src["loss_enhanced"].detach())
+            log["loss_src_ssr"] = src["loss_enhanced"]
         if self.imnet is not None:
             fd = feature_distance_loss(out["feats"][-1], imnet_features(self.imnet, src_img), src_label,
                                        classes=u.fd_classes, scale_min_ratio=u.fd_scale_min_ratio,
                                        num_classes=self.cfg.model.num_classes, lambda_=u.fd_lambda)
             loss = loss + fd
-            log["loss_fd"] = float(fd.detach())
+            log["loss_fd"] = fd
         loss.backward()
 
         # 2. pseudo-labels on the target view
@@ -89,7 +90,7 @@ class DAFormer(nn.Module):
             t_logits = self.teacher(tgt_img)
         pl, pw = pseudo_labels(t_logits, threshold=u.pseudo_threshold, ignore_top=u.pseudo_ignore_top,
                                ignore_bottom=u.pseudo_ignore_bottom, size=tuple(tgt_img.shape[2:]))
-        log["pseudo_weight"] = float(pw.max())
+        log["pseudo_weight"] = pw.max()
 
         # 3. ClassMix + strong augmentation
         gen = self.generator
@@ -105,9 +106,9 @@ class DAFormer(nn.Module):
                 mix_features(mask, self.sam.cached(source), self.sam.cached(target))
         out_mix = self.model.forward_train(mix_img, sam=sam_mix)
         mixed = ssr_loss(out_mix, mix_label, mix_weight, mean_over="all")
-        log["loss_mix"] = float(mixed["loss_plain"].detach())
+        log["loss_mix"] = mixed["loss_plain"]
         if mixed["loss_enhanced"] is not None:
-            log["loss_mix_ssr"] = float(mixed["loss_enhanced"].detach())
+            log["loss_mix_ssr"] = mixed["loss_enhanced"]
         loss_tgt = mixed["total"]
 
         # 4. MIC: masked target view against the same pseudo-labels
@@ -120,10 +121,10 @@ class DAFormer(nn.Module):
             masked = self.masker.mask_image(aug, generator=gen)
             mic = u.mic_lambda * segmentation_loss(self.model(masked), pl, pw, mean_over="all")
             loss_tgt = loss_tgt + mic
-            log["loss_mic"] = float(mic.detach())
+            log["loss_mic"] = mic
         loss_tgt.backward()
-        log["loss"] = float(loss.detach() + loss_tgt.detach())
-        return log
+        log["loss"] = loss.detach() + loss_tgt.detach()
+        return read_scalars(log)
 
 
 class MIC(DAFormer):

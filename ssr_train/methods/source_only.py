@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssr_train.methods.sam_features import SamFeatureSource
+from ssr_train.methods.step_log import read_scalars
 from ssr_train.segmentor import ssr_loss
 
 
@@ -25,9 +26,10 @@ class SourceOnly(nn.Module):
         out = self.model.forward_train(source["img"], sam=self.sam.source(source))
         losses = ssr_loss(out, source["label"], mean_over="all")
         losses["total"].backward()
-        return {"loss": float(losses["total"].detach()), "loss_src": float(losses["loss_plain"].detach()),
-                **({"loss_src_ssr": float(losses["loss_enhanced"].detach())}
-                   if losses["loss_enhanced"] is not None else {})}
+        log = {"loss": losses["total"], "loss_src": losses["loss_plain"]}
+        if losses["loss_enhanced"] is not None:
+            log["loss_src_ssr"] = losses["loss_enhanced"]
+        return read_scalars(log)
 
     def export_model(self) -> nn.Module:
         return self.model
