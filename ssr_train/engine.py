@@ -154,7 +154,8 @@ class Trainer:
         """This rank's random streams: the global ones and the method's own augmentation generator."""
         generator = getattr(method, "generator", None)
         return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                # this rank's GPU only: asking for every device's state would touch every GPU from every rank
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "method_generator": generator.get_state() if generator is not None else None}
 
     def _checkpoint_state(self, it: int, method, optimizer, losses: dict, rng_per_rank: list[dict]) -> dict:
@@ -192,16 +193,18 @@ class Trainer:
             _seed_everything(self.cfg.run.seed + 1_000_003 * iteration + self.rank, self.cfg.run.deterministic)
             generator = getattr(method, "generator", None)
             if generator is not None:
-                generator.manual_seed(self.cfg.run.seed + 12345 + 1_000_003 * iteration + self.rank)
+                generator.manual_seed(int(torch.randint(2**62, ())))
         return iteration
 
-    @staticmethod
-    def _set_rng_state(rng: dict, method) -> None:
+    def _set_rng_state(self, rng: dict, method) -> None:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            if isinstance(rng["cuda"], list):  # checkpoints before per-rank states held every device's
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            else:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         generator = getattr(method, "generator", None)
         if generator is not None and rng.get("method_generator") is not None:
             generator.set_state(rng["method_generator"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def test_two_process_torchrun_daformer_resumes_exactly(caches, tmp_path):
     at_kill = load_iteration(killed)
     assert 2 <= at_kill < 10, "the kill must land mid-run"
     assert len(torch.load(killed / "latest.pth", weights_only=False)["rng_per_rank"]) == 2
+    # On another number of ranks the run goes on, and says it is no longer exact.
+    one_rank = tmp_path / "one_rank"
+    shutil.copytree(killed, one_rank)
+    moved = run_ssr(*tiny_train_args(src, one_rank, "--resume"))
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert "resuming a 2-rank checkpoint on 1 ranks" in " ".join(moved.stdout.split())
+    assert load_iteration(one_rank) == 10
     resumed = subprocess.run(_torchrun(29543, *tiny_train_args(src, killed, "--resume")), capture_output=True,
                              text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
