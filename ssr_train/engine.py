@@ -177,8 +177,7 @@ class Trainer:
                   "iteration": it}
         save_atomic(export, self.run_dir / "model.pth")
 
-    def _restore(self, method, optimizer) -> int:
-        ckpt = load_checkpoint(self.run_dir / "latest.pth")
+    def _restore(self, ckpt: dict, method, optimizer) -> int:
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iteration = int(ckpt["iteration"])
@@ -221,11 +220,13 @@ class Trainer:
             raise SSRError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
         _seed_everything(cfg.run.seed + self.rank, cfg.run.deterministic)
         if self.resume:
-            start = int(load_checkpoint(self.run_dir / "latest.pth")["iteration"])
+            ckpt = load_checkpoint(self.run_dir / "latest.pth")  # read once: weights, optimiser and RNGs
+            start = int(ckpt["iteration"])
         source, target, loaders = self._open_data(start)
         model, method, optimizer = self._build()
         if self.resume:
-            start = self._restore(method, optimizer)
+            start = self._restore(ckpt, method, optimizer)
+            del ckpt
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.toml")
         if method.needs_target and "target" not in loaders:

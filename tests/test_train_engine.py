@@ -161,22 +161,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_pa
     assert load_iteration(run) == failed_at  # checkpoints up to the last finite step, nothing after
 
 
+def _torchrun(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "ssr_cli", *args]
+
+
 def test_two_process_torchrun_training(caches, tmp_path):
     src, _ = caches
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "ssr_cli", *tiny_train_args(src, run, "--iters", "4", "--no-ssr")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(_torchrun(29533, *tiny_train_args(src, run, "--iters", "4", "--no-ssr")), capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1", SSR_DIST_BACKEND="gloo"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = read_metrics(run)
     assert [m["iter"] for m in metrics] == [1, 2, 3, 4]  # rank 0 alone writes
     assert load_iteration(run) == 4
-
-
-def _torchrun(port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-            "-m", "ssr_cli", *args]
 
 
 def test_two_process_torchrun_daformer_resumes_exactly(caches, tmp_path):
