@@ -1,0 +1,88 @@
+"""The behaviour pin: losses of 6-iteration runs and the decoded arrays of a small cache build.
+
+`python tests/behaviour_pin.py --write` records tests/data/behaviour_pin.json from the current code;
+tests/test_behaviour_pin.py recomputes the same numbers and compares (losses to 1e-6, arrays to the
+byte). A change that alters training or the cache on purpose rewrites the file in its own commit and
+says why there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PIN_FILE = Path(__file__).parent / "data" / "behaviour_pin.json"
+PIN_RUNS = [("source-only", True), ("source-only", False), ("daformer", True), ("daformer", False),
+            ("mic", True), ("mic", False)]
+PIN_ITERS = 6
+
+
+def pin_caches(root: Path) -> tuple[Path, Path]:
+    from train_helpers import build_tiny_caches
+
+    from ssr_cache.synthetic import synthesize
+
+    synthesize(root / "synth", train=6, val=3, size=(128, 64), seed=3, progress=False)
+    return build_tiny_caches(root / "synth", root / "caches")
+
+
+def store_array_digest(path: Path) -> dict[str, str]:
+    """sha256 of every decoded array of a store (independent of codec bytes and file layout)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+
+    def visit(g, prefix=""):
+        for name, arr in sorted(g.arrays()):
+            out[prefix + name] = hashlib.sha256(np.ascontiguousarray(arr[...]).tobytes()).hexdigest()
+        for name, sub in sorted(g.groups()):
+            visit(sub, prefix + name + "/")
+
+    visit(group)
+    return out
+
+
+def run_losses(src: Path, tgt: Path, out: Path, method: str, ssr: bool) -> list[dict[str, float]]:
+    from train_helpers import read_metrics, tiny_train_args
+    from typer.testing import CliRunner
+
+    from ssr_cli.app import app
+
+    args = tiny_train_args(src, out, "--method", method, "--iters", str(PIN_ITERS), "--seed", "0",
+                           "--ssr" if ssr else "--no-ssr", *pin_extra_args())
+    if method != "source-only":
+        args += ["--target-cache", str(tgt)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    keep = ("loss", "pseudo_weight")
+    return [{k: v for k, v in m.items() if k.startswith(keep)} for m in read_metrics(out)]
+
+
+def pin_extra_args() -> list[str]:
+    """Flags the current CLI needs to reproduce the pinned runs (device, random backbone init)."""
+    return []
+
+
+def compute(root: Path) -> dict:
+    src, tgt = pin_caches(root)
+    runs = {f"{m}{'+ssr' if s else ''}": run_losses(src, tgt, root / f"run_{m}_{s}", m, s) for m, s in PIN_RUNS}
+    return {"stores": {"src": store_array_digest(src), "tgt": store_array_digest(tgt)}, "runs": runs}
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = compute(Path(tmp))
+    if "--write" in sys.argv:
+        PIN_FILE.parent.mkdir(exist_ok=True)
+        PIN_FILE.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(result["runs"], indent=1)[:2000])
