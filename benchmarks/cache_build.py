@@ -29,15 +29,21 @@ import torch.nn.functional as F
 from bench_output import line, run_in_workdir, sync
 from rich.console import Console
 
-from ssr_cache.build import ViewCropDataset, build_cache, iter_batches, open_build_dataset, plan_build
-from ssr_cache.build_config import CacheBuildConfig
-from ssr_cache.feature_store import FeatureStore, StoreLayout
-from ssr_cache.labels import ID_PALETTE
-from ssr_cache.png_io import read_rgb, write_png_atomic
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import (
+    ViewCropDataset,
+    build_cache,
+    iter_batches,
+    open_build_dataset,
+    plan_build,
+)
+from ssr_cache.data.labels import ID_PALETTE
+from ssr_cache.data.png_io import read_rgb, write_png_atomic
+from ssr_cache.data.synthetic import forced_labels, gta5_files
+from ssr_cache.data.synthetic_scene import STYLES, render_scene
 from ssr_cache.sam_encoder import build_sam_encoder, get_encoder_config
-from ssr_cache.store_inspect import store_info
-from ssr_cache.synthetic import forced_labels, gta5_files
-from ssr_cache.synthetic_scene import STYLES, render_scene
+from ssr_cache.store.feature_store import FeatureStore, StoreLayout
+from ssr_cache.store.inspect import store_info
 
 GTA5_SIZE = (1914, 1052)  # (W, H) of a GTA5 frame
 RESIZE = (1280, 720)  # DAFormer's gta5 img_scale (W, H)

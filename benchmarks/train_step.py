@@ -39,16 +39,16 @@ import torch
 from bench_output import line, run_in_workdir, sync
 from rich.console import Console
 
-from ssr_cache.build import build_cache
-from ssr_cache.build_config import CacheBuildConfig
-from ssr_cache.feature_store import FeatureStore
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import build_cache
+from ssr_cache.data.synthetic import synthesize
 from ssr_cache.sam_encoder import get_encoder_config
-from ssr_cache.synthetic import synthesize
-from ssr_train.cached_views import CachedViewDataset, batch_to_device, collate_views
-from ssr_train.config import TrainConfig
-from ssr_train.engine import Trainer, _seed_everything
-from ssr_train.model_factory import sam_level_name
-from ssr_train.optim import poly_lr, set_lr
+from ssr_cache.store.feature_store import FeatureStore
+from ssr_train.models.model_factory import sam_level_name
+from ssr_train.training.cached_views import CachedViewDataset, batch_to_device, collate_views
+from ssr_train.training.config import TrainConfig
+from ssr_train.training.engine import Trainer, _seed_everything
+from ssr_train.training.optim import poly_lr, set_lr
 
 VARIANTS = {"plain": (False, "cache"), "ssr_cache": (True, "cache"), "ssr_online": (True, "online")}
 GOALS = {"ssr_cache_over_plain": 1.35, "ssr_cache_over_online": 0.5}
@@ -289,8 +289,8 @@ def step_flops(args: argparse.Namespace, channels: int, grid: int) -> dict[str, 
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssr_cache.sam_encoder import build_sam_encoder
-    from ssr_train.config import ModelConfig
-    from ssr_train.model_factory import build_model
+    from ssr_train.models.model_factory import build_model
+    from ssr_train.training.config import ModelConfig
 
     def count(fn) -> float:
         with FlopCounterMode(display=False) as counter:

@@ -49,7 +49,7 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
 ) -> None:
     """Run frozen SAM once over planned views and store multi-scale embeddings."""
-    from ssr_cache.build_config import CacheBuildConfig
+    from ssr_cache.build.config import CacheBuildConfig
 
     w, h = parse_size(crop, what="--crop")
     cfg = CacheBuildConfig(
@@ -61,11 +61,11 @@ def build(
         workers=workers, max_images=max_images, overwrite=overwrite,
     )
     if dry_run:
-        from ssr_cache.build_plan import describe_plan
+        from ssr_cache.build.size_estimate import describe_plan
 
         _print_plan(describe_plan(cfg))
         return
-    from ssr_cache.build import build_cache
+    from ssr_cache.build.pipeline import build_cache
 
     result = build_cache(cfg, console=console)
     console.print(f"built {result.built_views} views, reused {result.reused_views}, "
@@ -101,7 +101,7 @@ def _b(n: float) -> str:
 @cache_app.command("info")
 def info(path: str = typer.Argument(..., help="Store path or URL.")) -> None:
     """Fingerprint, counts, size on disk and compression ratio per array."""
-    from ssr_cache.store_inspect import store_info
+    from ssr_cache.store.inspect import store_info
 
     data = store_info(path)
     fp = data["fingerprint"]
@@ -129,11 +129,11 @@ def verify(
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Checkpoint for --deep (default: as built)."),
 ) -> None:
     """Every view done, every chunk readable, shapes/dtypes, no NaN/Inf (and --deep re-encoding)."""
-    from ssr_cache.store_inspect import verify_store
+    from ssr_cache.store.inspect import verify_store
 
     deep_check = None
     if deep:
-        from ssr_cache.deep_verify import make_deep_check
+        from ssr_cache.store.deep_verify import make_deep_check
 
         deep_check = make_deep_check(n_views=deep_views, data_root=data_root, sam_checkpoint=sam_checkpoint)
     report = verify_store(path, progress=True, deep_check=deep_check)

@@ -23,7 +23,7 @@ def synth(
     workers: int = typer.Option(1, help="Processes used to render."),
 ) -> None:
     """Write procedurally rendered street scenes in the real GTA5 and Cityscapes layouts."""
-    from ssr_cache.synthetic import synthesize
+    from ssr_cache.data.synthetic import synthesize
 
     summary = synthesize(out, train=train, val=val, size=parse_size(size), seed=seed, workers=workers)
     console.print(f"wrote synthetic data to {out}: {summary}")
@@ -38,8 +38,8 @@ def stats(
     workers: int = typer.Option(2, help="Processes reading labels."),
 ) -> None:
     """Per-image class pixel counts (the input of rare-class sampling)."""
-    from ssr_cache.class_stats import compute_class_counts, write_class_stats
-    from ssr_cache.datasets import open_dataset
+    from ssr_cache.data.class_stats import compute_class_counts, write_class_stats
+    from ssr_cache.data.datasets import open_dataset
 
     ds = open_dataset(dataset, data_root, split=split, require_labels=True)
     sample_ids, counts, n_resized = compute_class_counts(ds, workers=workers, progress=True)

@@ -20,7 +20,7 @@ def default_data_source(cfg) -> tuple[Path | None, tuple[int, int] | None]:
     if not url:
         return None, None
     try:
-        from ssr_cache.feature_store import FeatureStore
+        from ssr_cache.store.feature_store import FeatureStore
 
         store = FeatureStore.open(url, mode="r")
     except SSRError:
@@ -46,7 +46,7 @@ def _fmt(v: float | None) -> str:
 
 
 def print_comparison(run_a: Path, run_b: Path) -> None:
-    from ssr_train.eval_plots import compare_runs, plot_iou_delta
+    from ssr_train.infer.eval_plots import compare_runs, plot_iou_delta
 
     rows = compare_runs(run_a, run_b)
     table = Table(title=f"{run_b.name} − {run_a.name}")
@@ -89,9 +89,9 @@ def evaluate_command(
         raise SSRError("give exactly one of --run RUN_DIR or --checkpoint model.pth (or --compare RUN_A RUN_B)")
     if mode not in ("whole", "slide"):
         raise SSRError(f"--mode must be whole or slide, got {mode!r}")
-    from ssr_cache.datasets import open_dataset
-    from ssr_train.eval_plots import plot_class_iou
-    from ssr_train.evaluation import evaluate, load_run_model, write_eval_json
+    from ssr_cache.data.datasets import open_dataset
+    from ssr_train.infer.eval_plots import plot_class_iou
+    from ssr_train.infer.evaluation import evaluate, load_run_model, write_eval_json
 
     model, cfg = load_run_model(run or checkpoint)
     root_default, resize_default = default_data_source(cfg)
@@ -113,6 +113,6 @@ def evaluate_command(
 
 
 def _names_and_iou(result):
-    from ssr_train.evaluation import class_names
+    from ssr_train.infer.evaluation import class_names
 
     return class_names(len(result.scores["iou"])), result.scores["iou"]

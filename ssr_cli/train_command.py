@@ -29,7 +29,7 @@ FLAG_TO_FIELD = {
 
 
 def resolve_train_config(flags: dict, *, config_file: Path | None, resume: bool):
-    from ssr_train.config import TrainConfig, load_config
+    from ssr_train.training.config import TrainConfig, load_config
 
     run_dir = Path(flags["out"]) if flags.get("out") else None
     if resume:
@@ -81,7 +81,7 @@ def train(
 ) -> None:
     """Train a segmenter (source-only, DAFormer, MIC; ± SSR) from feature caches. SAM is never loaded
     unless --sam-source online."""
-    from ssr_train.engine import Trainer
+    from ssr_train.training.engine import Trainer
 
     flags = {k: v for k, v in locals().items() if k in FLAG_TO_FIELD}
     cfg = resolve_train_config(flags, config_file=config, resume=resume)

@@ -53,9 +53,9 @@ class DemoRow:
 
 
 def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow]:
-    from ssr_cache.build import build_cache
-    from ssr_cache.build_config import CacheBuildConfig
-    from ssr_cache.synthetic import synthesize
+    from ssr_cache.build.config import CacheBuildConfig
+    from ssr_cache.build.pipeline import build_cache
+    from ssr_cache.data.synthetic import synthesize
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
@@ -105,8 +105,8 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
 def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, progress) -> None:
     import shutil
 
-    from ssr_train.config import TrainConfig
-    from ssr_train.engine import Trainer
+    from ssr_train.training.config import TrainConfig
+    from ssr_train.training.engine import Trainer
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo re-run starts its runs afresh
@@ -121,8 +121,8 @@ def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, pro
 
 
 def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_preds, write: bool = False):
-    from ssr_cache.datasets import open_dataset
-    from ssr_train.evaluation import evaluate, load_run_model, write_eval_json
+    from ssr_cache.data.datasets import open_dataset
+    from ssr_train.infer.evaluation import evaluate, load_run_model, write_eval_json
 
     model, _ = load_run_model(run_dir)
     ds = open_dataset(dataset, root, split="val" if dataset == "cityscapes" else "all", require_labels=True)
@@ -133,7 +133,7 @@ def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_
 
 
 def _plots(out: Path, rows) -> None:
-    from ssr_train.eval_plots import compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
+    from ssr_train.infer.eval_plots import compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
 
     for name, run_dir, _ in rows:
         ev = read_eval_json(run_dir / "eval.json")

@@ -25,7 +25,7 @@ PIN_ITERS = 6
 def pin_caches(root: Path) -> tuple[Path, Path]:
     from train_helpers import build_tiny_caches
 
-    from ssr_cache.synthetic import synthesize
+    from ssr_cache.data.synthetic import synthesize
 
     synthesize(root / "synth", train=6, val=3, size=(128, 64), seed=3, progress=False)
     return build_tiny_caches(root / "synth", root / "caches")

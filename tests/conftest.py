@@ -17,7 +17,7 @@ def _torch_threads():
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic two-domain dataset in the real layouts (shared by the pipeline tests)."""
-    from ssr_cache.synthetic import synthesize
+    from ssr_cache.data.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, train=6, val=3, size=(128, 64), seed=3, progress=False)

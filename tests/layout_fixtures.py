@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ssr_cache.labels import ID_PALETTE
-from ssr_cache.png_io import write_png_atomic
+from ssr_cache.data.labels import ID_PALETTE
+from ssr_cache.data.png_io import write_png_atomic
 
 WIDTH, HEIGHT = 32, 24
 SKY, CAR, ROAD, PERSON, UNLABELED = 23, 26, 7, 24, 0  # label ids

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from ssr_cache.errors import SSRError
-from ssr_train.backbones import MIT_VARIANTS, Backbone, create_backbone
+from ssr_train.models.backbones import MIT_VARIANTS, Backbone, create_backbone
 
 # Parameter counts of the MiT encoders (no classifier), also derived from the MiT definition key by key
 # in test_mit_checkpoint.py::test_mit_definition_param_count_matches_backbone.

@@ -13,12 +13,12 @@ import pytest
 import torch
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
-from ssr_cache.build import build_cache
-from ssr_cache.build_config import CacheBuildConfig
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import build_cache
+from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.errors import SSRError
-from ssr_cache.feature_store import FeatureStore
 from ssr_cache.sam_encoder import build_sam_encoder, pool_levels
-from ssr_cache.views import ViewTable, apply_view
+from ssr_cache.store.feature_store import FeatureStore
 
 
 def tiny_config(synth_root, out, **overrides) -> CacheBuildConfig:
@@ -36,7 +36,7 @@ def gta_store(synth_root, tmp_path_factory):
 
 
 def test_store_holds_every_view_with_features_equal_to_a_direct_encoder_call(gta_store, synth_root):
-    from ssr_cache.datasets import open_dataset
+    from ssr_cache.data.datasets import open_dataset
 
     store = FeatureStore.open(str(gta_store))
     assert store.layout.n_views == 12 and store.done_mask().all()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from layout_fixtures import expected_counts, image, label_ids, make_cityscapes, make_gta5, write_gta5_sample
 
-from ssr_cache.class_stats import compute_class_counts, load_class_stats, write_class_stats
-from ssr_cache.datasets import open_dataset
+from ssr_cache.data.class_stats import compute_class_counts, load_class_stats, write_class_stats
+from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.labels import CLASS_NAMES
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import CLASS_NAMES
 
 
 def test_counts_are_exact_for_the_fixtures(tmp_path):

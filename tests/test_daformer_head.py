@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_train.daformer_head import ConvBNReLU, DAFormerHead, SeparableConvBNReLU
+from ssr_train.models.daformer_head import ConvBNReLU, DAFormerHead, SeparableConvBNReLU
 
 MIT_B0 = (32, 64, 160, 256)
 MIT_B1 = (64, 128, 320, 512)

@@ -16,10 +16,10 @@ from layout_fixtures import (
 )
 from PIL import Image
 
-from ssr_cache.datasets import DATASETS, GTA5, Cityscapes, SampleFiles, open_dataset
+from ssr_cache.data.datasets import DATASETS, GTA5, Cityscapes, SampleFiles, open_dataset
+from ssr_cache.data.labels import ID_PALETTE
+from ssr_cache.data.png_io import image_size, read_label_ids, read_rgb, write_png_atomic
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import ID_PALETTE
-from ssr_cache.png_io import image_size, read_label_ids, read_rgb, write_png_atomic
 
 # Train ids of the fixture label rows (see layout_fixtures): sky band, car band, road band.
 SKY, CAR, ROAD, PERSON = 10, 13, 0, 11

@@ -15,13 +15,11 @@ from layout_fixtures import CITYSCAPES_IDS, HEIGHT, WIDTH, cityscapes_paths, mak
 from PIL import Image
 from test_metrics import cityscapes_args
 
-from ssr_cache.datasets import open_dataset
+from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.labels import CLASS_NAMES, TRAINID_TO_ID
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import CLASS_NAMES, TRAINID_TO_ID
-from ssr_train.backbones import create_backbone
-from ssr_train.config import TrainConfig, save_config
-from ssr_train.eval_plots import MIOU_ROW, compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
-from ssr_train.evaluation import (
+from ssr_train.infer.eval_plots import MIOU_ROW, compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
+from ssr_train.infer.evaluation import (
     EvalResult,
     evaluate,
     load_run_model,
@@ -31,8 +29,10 @@ from ssr_train.evaluation import (
     slide_windows,
     write_eval_json,
 )
-from ssr_train.metrics import Confusion
-from ssr_train.segmentor import build_plain_segmentor, build_segmentor
+from ssr_train.infer.metrics import Confusion
+from ssr_train.models.backbones import create_backbone
+from ssr_train.models.segmentor import build_plain_segmentor, build_segmentor
+from ssr_train.training.config import TrainConfig, save_config
 
 RESIZE = (64, 32)  # a 32x24 fixture image becomes 43x32
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from ssr_cache.feature_codec import dequantize_int8, feature_compressors, lossless_compressors, quantize_int8
+from ssr_cache.store.feature_codec import (
+    dequantize_int8,
+    feature_compressors,
+    lossless_compressors,
+    quantize_int8,
+)
 
 
 def test_quantize_shapes_and_error_bound():

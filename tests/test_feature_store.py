@@ -16,8 +16,8 @@ import pytest
 import zarr
 
 from ssr_cache.errors import SSRError
-from ssr_cache.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
-from ssr_cache.store_inspect import store_info, verify_store
+from ssr_cache.store.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
+from ssr_cache.store.inspect import store_info, verify_store
 
 FINGERPRINT = {"encoder": {"name": "vit_b", "seed": 0}, "crop": [32, 32], "plan": {"seed": 0}, "dataset": "gta5"}
 
@@ -350,7 +350,7 @@ CHILD = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
 from test_feature_store import shard_data
-from ssr_cache.feature_store import FeatureStore
+from ssr_cache.store.feature_store import FeatureStore
 store = FeatureStore.open({url!r}, mode="r+")
 print("ready", flush=True)
 while True:

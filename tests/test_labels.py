@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as reference
 
-from ssr_cache.errors import SSRError
-from ssr_cache.labels import (
+from ssr_cache.data.labels import (
     CLASS_NAMES,
     ID_PALETTE,
     ID_TO_TRAINID,
@@ -18,6 +17,7 @@ from ssr_cache.labels import (
     check_train_ids,
     ids_to_train_ids,
 )
+from ssr_cache.errors import SSRError
 
 
 def test_table_matches_cityscapesscripts_entry_by_entry():

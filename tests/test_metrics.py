@@ -7,9 +7,9 @@ import pytest
 import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
 
-from ssr_cache.labels import CLASS_NAMES, ID_TO_TRAINID, LABELS, TRAINID_TO_ID, ids_to_train_ids
-from ssr_cache.png_io import read_label_ids, write_png_atomic
-from ssr_train.metrics import Confusion, confusion_matrix, scores
+from ssr_cache.data.labels import CLASS_NAMES, ID_TO_TRAINID, LABELS, TRAINID_TO_ID, ids_to_train_ids
+from ssr_cache.data.png_io import read_label_ids, write_png_atomic
+from ssr_train.infer.metrics import Confusion, confusion_matrix, scores
 
 # Two crafted images (train ids; 255 = ignore). Image 1 predicts pole (5) only on an ignored pixel, so
 # pole is n/a; image 2 predicts person (11), which is nowhere in the ground truth, so person scores 0.

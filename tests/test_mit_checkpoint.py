@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ssr_cache.errors import SSRError
-from ssr_train.backbones import MIT_VARIANTS, create_backbone
-from ssr_train.mit_checkpoint import (
+from ssr_train.models.backbones import MIT_VARIANTS, create_backbone
+from ssr_train.models.mit_checkpoint import (
     convert_mit_state_dict,
     load_mit_checkpoint,
     mmseg_to_timm_key,

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_train.daformer_head import DAFormerHead
-from ssr_train.segmentor import (
+from ssr_train.models.daformer_head import DAFormerHead
+from ssr_train.models.segmentor import (
     SSRSegmentor,
     build_plain_segmentor,
     build_segmentor,
@@ -17,7 +17,7 @@ from ssr_train.segmentor import (
     segmentation_loss,
     ssr_loss,
 )
-from ssr_train.ssr_regularizer import SSRRegularizer
+from ssr_train.models.ssr_regularizer import SSRRegularizer
 
 
 class MitB0(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssr_train.ssr_regularizer import SamCrossAttention, SSRRegularizer
+from ssr_train.models.ssr_regularizer import SamCrossAttention, SSRRegularizer
 
 MIT_B0 = (32, 64, 160, 256)
 

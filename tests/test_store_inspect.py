@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ssr_cache.errors import SSRError
-from ssr_cache.feature_store import FeatureStore, StoreLayout
-from ssr_cache.store_inspect import store_info, verify_store
+from ssr_cache.store.feature_store import FeatureStore, StoreLayout
+from ssr_cache.store.inspect import store_info, verify_store
 
 
 def build(url: Path, *, n=10, vps=4, dtype="float16", write=(0, 1, 2)) -> FeatureStore:

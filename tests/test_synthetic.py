@@ -12,9 +12,9 @@ import pytest
 from cityscapesscripts.helpers.labels import id2label
 from PIL import Image, ImageFilter
 
-from ssr_cache.datasets import open_dataset
+from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.synthetic import FORCE_GROUPS, SynthSummary, forced_labels, synthesize
 from ssr_cache.errors import SSRError
-from ssr_cache.synthetic import FORCE_GROUPS, SynthSummary, forced_labels, synthesize
 
 TRAIN, VAL, SIZE, SEED = 16, 8, (160, 80), 3
 # label ids the generator may write: the 19 train classes plus unlabeled, ego vehicle, static

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ssr_cache.errors import SSRError
-from ssr_train.config import OptimConfig, TrainConfig, config_from_dict, load_config, save_config
-from ssr_train.optim import build_optimizer, poly_lr
+from ssr_train.training.config import OptimConfig, TrainConfig, config_from_dict, load_config, save_config
+from ssr_train.training.optim import build_optimizer, poly_lr
 
 
 def test_toml_round_trip_keeps_every_value(tmp_path):
@@ -51,7 +51,7 @@ def test_param_groups_head_lr_x10_and_no_decay_on_norms():
 
 
 def test_ssr_regulariser_trains_at_the_base_lr_as_in_the_reference():
-    from ssr_train.model_factory import build_model
+    from ssr_train.models.model_factory import build_model
 
     model = build_model(TrainConfig().replace("model", backbone="mit_b0").model)
     opt = build_optimizer(model, OptimConfig())

@@ -17,11 +17,11 @@ from cache_helpers import run_ssr
 from train_helpers import build_tiny_caches, read_metrics, tiny_train_args
 
 from ssr_cache.errors import SSRError
-from ssr_train.checkpoint import load_checkpoint
-from ssr_train.config import TrainConfig
-from ssr_train.engine import Trainer
-from ssr_train.evaluation import load_run_model
-from ssr_train.model_factory import build_model
+from ssr_train.infer.evaluation import load_run_model
+from ssr_train.models.model_factory import build_model
+from ssr_train.training.checkpoint import load_checkpoint
+from ssr_train.training.config import TrainConfig
+from ssr_train.training.engine import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_sam_is_never_imported_in_cache_mode(caches, tmp_path):
     src, tgt = caches
     code = (
         "import sys\n"
-        "from ssr_train.config import TrainConfig\n"
-        "from ssr_train.engine import Trainer\n"
+        "from ssr_train.training.config import TrainConfig\n"
+        "from ssr_train.training.engine import Trainer\n"
         f"cfg = TrainConfig().replace('model', backbone='mit_b0').replace('data', source_cache={str(src)!r}, "
         f"target_cache={str(tgt)!r}, workers=0).replace('run', method='daformer', iters=2, out={str(tmp_path / 'r')!r})\n"
         "Trainer(cfg, progress=False).train()\n"
@@ -138,8 +138,8 @@ def test_refusals_are_one_line(caches, tmp_path, synth_root):
     assert unlabelled.returncode == 2 and "not a labelled source cache" in unlabelled.stderr
     bad_backbone = run_ssr(*tiny_train_args(src, tmp_path / "b", "--iters", "1", "--backbone", "mit_b9"))
     assert bad_backbone.returncode == 2 and "mit_b9" in bad_backbone.stderr
-    from ssr_cache.build import build_cache
-    from ssr_cache.build_config import CacheBuildConfig
+    from ssr_cache.build.config import CacheBuildConfig
+    from ssr_cache.build.pipeline import build_cache
 
     other = tmp_path / "other.zarr"
     build_cache(CacheBuildConfig(dataset="cityscapes", data_root=synth_root / "cityscapes", out=str(other),

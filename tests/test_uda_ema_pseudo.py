@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssr_train.backbones import create_backbone
-from ssr_train.segmentor import build_segmentor
+from ssr_train.models.backbones import create_backbone
+from ssr_train.models.segmentor import build_segmentor
 from ssr_train.uda.ema import ema_alpha, make_teacher, teacher_train_mode, update_ema
 from ssr_train.uda.pseudo_label import ignore_rows_for, pseudo_labels
 

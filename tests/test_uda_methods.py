@@ -9,12 +9,12 @@ import pytest
 import torch
 from train_helpers import build_tiny_caches, read_metrics
 
-from ssr_train.cached_views import CachedViewDataset, collate_views
-from ssr_train.config import DataConfig, OptimConfig, TrainConfig, UDAConfig
-from ssr_train.engine import Trainer
 from ssr_train.methods.sam_features import SamFeatureSource
-from ssr_train.model_factory import build_model
-from ssr_train.segmentor import ssr_loss
+from ssr_train.models.model_factory import build_model
+from ssr_train.models.segmentor import ssr_loss
+from ssr_train.training.cached_views import CachedViewDataset, collate_views
+from ssr_train.training.config import DataConfig, OptimConfig, TrainConfig, UDAConfig
+from ssr_train.training.engine import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_constants_are_the_reference_values():
 
 
 def test_every_constant_is_overridable_from_toml(caches, tmp_path):
-    from ssr_train.config import load_config
+    from ssr_train.training.config import load_config
 
     toml = tmp_path / "c.toml"
     toml.write_text("[uda]\npseudo_threshold = 0.9\nmic_block_size = 16\nfd_classes = [11, 13]\n"

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssr_cache.errors import SSRError
-from ssr_cache.views import (
+from ssr_cache.build.view_plan import (
     View,
     ViewPlanConfig,
     ViewTable,
@@ -15,6 +14,7 @@ from ssr_cache.views import (
     plan_views,
     rescale_size,
 )
+from ssr_cache.errors import SSRError
 
 SMALL = ViewPlanConfig(resize=(128, 64), crop=(32, 32), views_per_image=3, seed=0)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssr_cache.build import build_cache
-from ssr_cache.build_config import CacheBuildConfig
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import build_cache
 
 
 def build_tiny_caches(synth_root: Path, out_dir: Path) -> tuple[Path, Path]:

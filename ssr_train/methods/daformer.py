@@ -18,7 +18,7 @@ from torch import nn
 
 from ssr_train.methods.sam_features import SamFeatureSource
 from ssr_train.methods.step_log import read_scalars
-from ssr_train.segmentor import segmentation_loss, ssr_loss
+from ssr_train.models.segmentor import segmentation_loss, ssr_loss
 from ssr_train.uda.classmix import classmix_masks, mix, mix_features, mixed_pixel_weight
 from ssr_train.uda.ema import make_teacher, teacher_train_mode, update_ema
 from ssr_train.uda.feature_distance import feature_distance_loss, imnet_features, make_imnet_model

@@ -6,7 +6,7 @@ from torch import nn
 
 from ssr_train.methods.sam_features import SamFeatureSource
 from ssr_train.methods.step_log import read_scalars
-from ssr_train.segmentor import ssr_loss
+from ssr_train.models.segmentor import ssr_loss
 
 
 class SourceOnly(nn.Module):

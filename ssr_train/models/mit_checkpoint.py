@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ssr_cache.errors import SSRError
-from ssr_train.backbones import MIT_VARIANTS, Backbone
+from ssr_train.models.backbones import MIT_VARIANTS, Backbone
 
 _PATCH_EMBED = re.compile(r"^patch_embed([1-4])\.(.+)$")
 _BLOCK = re.compile(r"^block([1-4])\.(\d+)\.(.+)$")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.core.sync import sync
 
-from ssr_cache.feature_store import DONE, FeatureStore
-from ssr_cache.labels import IGNORE_INDEX
+from ssr_cache.data.labels import IGNORE_INDEX
+from ssr_cache.store.feature_store import DONE, FeatureStore
 
 DeepCheck = Callable[[FeatureStore, list[int]], list[str]]
 

@@ -26,10 +26,10 @@ def make_deep_check(*, n_views: int = 4, data_root: Path | None = None, sam_chec
 
 def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | None,
                sam_checkpoint: Path | None, seed: int = 0) -> list[str]:
-    from ssr_cache.build_config import DATASET_DOMAIN
-    from ssr_cache.datasets import open_dataset
+    from ssr_cache.build.config import DATASET_DOMAIN
+    from ssr_cache.build.view_plan import ViewTable, apply_view
+    from ssr_cache.data.datasets import open_dataset
     from ssr_cache.sam_encoder import build_sam_encoder
-    from ssr_cache.views import ViewTable, apply_view
 
     cfg = store.attrs.get("build_config")
     if not cfg:

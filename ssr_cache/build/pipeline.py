@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssr_cache.build_config import DATASET_DOMAIN, CacheBuildConfig
-from ssr_cache.datasets import SegmentationDataset, open_dataset
+from ssr_cache.build.config import DATASET_DOMAIN, CacheBuildConfig
+from ssr_cache.data.datasets import SegmentationDataset, open_dataset
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import IGNORE_INDEX, NUM_CLASSES
-from ssr_cache.views import ViewPlanConfig, ViewTable, apply_view, class_counts
+from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view, class_counts
 
 FORMAT_VERSION = 1
 
@@ -65,8 +65,8 @@ def plan_config(cfg: CacheBuildConfig, ds: SegmentationDataset) -> ViewPlanConfi
 
 
 def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, *, progress: bool = True) -> ViewTable:
-    from ssr_cache.png_io import image_size
-    from ssr_cache.views import plan_views
+    from ssr_cache.data.png_io import image_size
+    from ssr_cache.build.view_plan import plan_views
 
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     sizes = [image_size(ds.items[i].image) for i in range(n_images)]
@@ -269,7 +269,7 @@ def iter_batches(loader: DataLoader, batch_size: int) -> Iterator[list[dict]]:
 
 def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, plan: ViewTable, ds: SegmentationDataset,
                          fingerprint: dict, rank: RankInfo):
-    from ssr_cache.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
+    from ssr_cache.store.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
 
     layout = StoreLayout(**layout_kwargs)
     n_views = len(plan)

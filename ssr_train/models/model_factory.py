@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ssr_train.config import ModelConfig
-from ssr_train.segmentor import SSRSegmentor, build_segmentor
+from ssr_train.models.segmentor import SSRSegmentor, build_segmentor
+from ssr_train.training.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, *, sam_channels: int = 256) -> SSRSegmentor:
-    from ssr_train.backbones import create_backbone
+    from ssr_train.models.backbones import create_backbone
 
     backbone = create_backbone(cfg.backbone, checkpoint=cfg.backbone_checkpoint, drop_path_rate=cfg.drop_path_rate)
     return build_segmentor(backbone, num_classes=cfg.num_classes, embed_dim=cfg.head_embed_dim,

@@ -23,8 +23,10 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
+from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_cache.errors import SSRError
-from ssr_cache.feature_codec import (
+from ssr_cache.store.feature_codec import (
     FEATURE_DTYPES,
     dequantize_int8,
     feature_compressors,
@@ -32,7 +34,6 @@ from ssr_cache.feature_codec import (
     lossless_compressors,
     quantize_int8,
 )
-from ssr_cache.labels import IGNORE_INDEX
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "ssr_cache_format"
@@ -375,6 +376,46 @@ class FeatureStore:
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         return self.layout.shard_range(shard)
+
+    # ------------------------------------------------------------ typed facts (read these, not attributes)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.fingerprint["dataset"])
+
+    @property
+    def split(self) -> str:
+        return str(self.fingerprint["split"])
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the stored label crops are real labels (a source; it may also serve as a target).
+        Caches written before the flag existed: labelled exactly when built as the source domain."""
+        if "labelled" in self.fingerprint:
+            return bool(self.fingerprint["labelled"])
+        return int(self.fingerprint.get("domain", 1)) == 0
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """The classes the stored labels index (older caches: Cityscapes' 19)."""
+        stored = self.fingerprint.get("label_space")
+        return LabelSpace.from_dict(stored) if stored else CITYSCAPES
+
+    @property
+    def resize(self) -> tuple[int, int]:
+        """(W, H) the images were rescaled to (keep-ratio, mmcv imrescale) before cropping."""
+        w, h = self.fingerprint["plan"]["resize"]
+        return int(w), int(h)
+
+    @property
+    def data_root(self) -> Path | None:
+        """The dataset root the cache was built from, as recorded by the build."""
+        root = (self.attrs.get("build_config") or {}).get("data_root")
+        return Path(root) if root else None
+
+    def class_counts(self) -> np.ndarray:
+        """(n_views, num_classes) int: labelled pixels of each class in each stored view crop."""
+        return np.asarray(self.array("class_counts")[...])
 
     def array(self, path: str) -> zarr.Array:
         """The zarr array at `path` (e.g. "features/l64"), opened once."""

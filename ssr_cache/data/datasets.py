@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssr_cache.data.labels import check_train_ids, ids_to_train_ids
+from ssr_cache.data.png_io import image_size, read_label_ids, read_rgb
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import check_train_ids, ids_to_train_ids
-from ssr_cache.png_io import image_size, read_label_ids, read_rgb
 
 _TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 _LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"

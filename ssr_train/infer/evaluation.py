@@ -25,14 +25,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssr_cache.atomic_file import write_atomic
-from ssr_cache.datasets import SegmentationDataset
+from ssr_cache.build.view_plan import View, apply_view, rescale_size
+from ssr_cache.data.datasets import SegmentationDataset
+from ssr_cache.data.labels import CLASS_NAMES
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import CLASS_NAMES
-from ssr_cache.views import View, apply_view, rescale_size
-from ssr_train.cached_views import PIXEL_MEAN, PIXEL_STD
-from ssr_train.config import TrainConfig, config_from_dict, load_config
-from ssr_train.metrics import Confusion
-from ssr_train.prediction_io import PredictionWriter, prediction_name
+from ssr_train.infer.metrics import Confusion
+from ssr_train.infer.prediction_io import PredictionWriter, prediction_name
+from ssr_train.training.cached_views import PIXEL_MEAN, PIXEL_STD
+from ssr_train.training.config import TrainConfig, config_from_dict, load_config
 
 MODES = ("whole", "slide")
 EVAL_JSON, CONFUSION_NPY = "eval.json", "confusion.npy"
@@ -43,7 +43,7 @@ _WINDOW_BATCH = 4  # slide windows per forward pass
 @dataclass(frozen=True, eq=False)
 class EvalResult:
     confusion: np.ndarray  # int64 (C, C), rows ground truth, columns prediction
-    scores: dict  # ssr_train.metrics.scores output, percent
+    scores: dict  # ssr_train.infer.metrics.scores output, percent
     n_images: int
     settings: dict = field(default_factory=dict)  # mode, resize, crop, stride, flip
 
@@ -305,8 +305,8 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
     exported state dict; the config comes from the checkpoint, else from ``config.toml`` beside it.
     Regulariser weights (``regularizer.*``) are dropped: the deployed model never uses them.
     """
-    from ssr_train.backbones import create_backbone
-    from ssr_train.segmentor import build_plain_segmentor
+    from ssr_train.models.backbones import create_backbone
+    from ssr_train.models.segmentor import build_plain_segmentor
 
     checkpoint, config_path = _run_files(Path(path))
     obj = _read_torch_file(checkpoint)

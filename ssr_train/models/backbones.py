@@ -129,7 +129,7 @@ def create_backbone(
     backbone = Backbone(name, body)
     if checkpoint is not None and spec is not None:
         # Imported here because mit_checkpoint reads MIT_VARIANTS from this module.
-        from ssr_train.mit_checkpoint import load_mit_checkpoint
+        from ssr_train.models.mit_checkpoint import load_mit_checkpoint
 
         load_mit_checkpoint(backbone, checkpoint)
     return backbone

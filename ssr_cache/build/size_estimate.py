@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ssr_cache.build_config import CacheBuildConfig
-from ssr_cache.labels import NUM_CLASSES
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.data.labels import NUM_CLASSES
 
 # Stored/raw ratios used only to project sizes before anything is built. Features: measured in
 # docs/benchmarks.md (fp16 0.379 of fp32 = 0.76 of raw fp16; int8 0.240 of fp32 = 0.96 of raw codes).
@@ -18,7 +18,7 @@ def feature_bytes_per_view(channels: int, grid: int, dtype: str) -> int:
 
 
 def describe_plan(cfg: CacheBuildConfig) -> dict:
-    from ssr_cache.build import open_build_dataset, resolve_levels
+    from ssr_cache.build.pipeline import open_build_dataset, resolve_levels
     from ssr_cache.errors import SSRError
     from ssr_cache.sam_encoder import SAM_ENCODERS
 

@@ -26,10 +26,9 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ssr_cache.atomic_file import write_text_atomic
-from ssr_cache.errors import SSRError
-from ssr_cache.labels import CLASS_NAMES, ID_PALETTE, ID_TO_TRAINID, NUM_CLASSES
-from ssr_cache.png_io import write_png_atomic
-from ssr_cache.synthetic_scene import (
+from ssr_cache.data.labels import CLASS_NAMES, ID_PALETTE, ID_TO_TRAINID, NUM_CLASSES
+from ssr_cache.data.png_io import write_png_atomic
+from ssr_cache.data.synthetic_scene import (
     BICYCLE,
     BUILDING,
     BUS,
@@ -52,6 +51,7 @@ from ssr_cache.synthetic_scene import (
     WALL,
     render_scene,
 )
+from ssr_cache.errors import SSRError
 
 MIN_SIZE = 64
 MARKER = "synthetic.json"

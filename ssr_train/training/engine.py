@@ -17,10 +17,15 @@ from torch.utils.data import DataLoader
 
 from ssr_cache.distributed import rank_device, rank_info
 from ssr_cache.errors import SSRError
-from ssr_train.cached_views import CachedViewDataset, ViewStreamSampler, batch_to_device, collate_views
-from ssr_train.checkpoint import load_checkpoint, save_atomic
-from ssr_train.config import TrainConfig, save_config
-from ssr_train.optim import build_optimizer, poly_lr, set_lr
+from ssr_train.training.cached_views import (
+    CachedViewDataset,
+    ViewStreamSampler,
+    batch_to_device,
+    collate_views,
+)
+from ssr_train.training.checkpoint import load_checkpoint, save_atomic
+from ssr_train.training.config import TrainConfig, save_config
+from ssr_train.training.optim import build_optimizer, poly_lr, set_lr
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Trainer:
     # ------------------------------------------------------------ setup
 
     def _open_data(self, start_iter: int):
-        from ssr_cache.feature_store import FeatureStore
+        from ssr_cache.store.feature_store import FeatureStore
 
         cfg = self.cfg
         if not cfg.data.source_cache:
@@ -96,7 +101,7 @@ class Trainer:
         check_store_compat(source, target, cfg)
         if source.done_mask().sum() < source.layout.n_views:
             raise SSRError(f"{cfg.data.source_cache} is not fully built; re-run `ssr cache build` to finish it")
-        from ssr_train.model_factory import sam_level_name
+        from ssr_train.models.model_factory import sam_level_name
 
         self.sam_level = sam_level_name(cfg.model, list(source.layout.levels)) if cfg.model.ssr else None
         # Online mode computes SAM tokens in the loop, so the stores' feature arrays are not read.
@@ -137,7 +142,7 @@ class Trainer:
 
     def _build(self):
         from ssr_train.methods import METHODS
-        from ssr_train.model_factory import build_model
+        from ssr_train.models.model_factory import build_model
 
         cfg = self.cfg
         if cfg.run.method not in METHODS:
@@ -283,8 +288,8 @@ class Trainer:
         return TrainResult(self.run_dir, cfg.run.iters, losses, first)
 
     def _validate(self, method, it: int, metrics) -> None:
-        from ssr_cache.datasets import open_dataset
-        from ssr_train.evaluation import evaluate
+        from ssr_cache.data.datasets import open_dataset
+        from ssr_train.infer.evaluation import evaluate
 
         if self.rank != 0 or not self.cfg.run.val_data_root:
             return

@@ -31,9 +31,9 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ssr_cache.atomic_file import write_text_atomic
-from ssr_cache.datasets import SegmentationDataset
+from ssr_cache.data.datasets import SegmentationDataset
+from ssr_cache.data.labels import CLASS_NAMES, NUM_CLASSES
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import CLASS_NAMES, NUM_CLASSES
 
 FORMAT_NAME = "ssr-class-stats"
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssr_train.daformer_head import DAFormerHead
-from ssr_train.ssr_regularizer import SamInput, SSRRegularizer
+from ssr_train.models.daformer_head import DAFormerHead
+from ssr_train.models.ssr_regularizer import SamInput, SSRRegularizer
 
 IGNORE_INDEX = 255
 EXPORT_PREFIXES = ("backbone.", "head.")

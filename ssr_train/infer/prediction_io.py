@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from ssr_cache.atomic_file import write_atomic
+from ssr_cache.data.labels import ID_PALETTE, NUM_CLASSES, TRAINID_PALETTE, TRAINID_TO_ID
+from ssr_cache.data.png_io import write_png_atomic
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import ID_PALETTE, NUM_CLASSES, TRAINID_PALETTE, TRAINID_TO_ID
-from ssr_cache.png_io import write_png_atomic
 
 LABEL_IDS_DIR, COLOR_DIR, OVERLAY_DIR = "labelIds", "color", "overlay"
 _NO_LABEL_GREY = 128

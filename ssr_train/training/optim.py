@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssr_train.config import OptimConfig
+from ssr_train.training.config import OptimConfig
 
 
 def _is_no_decay(name: str) -> bool:

@@ -60,7 +60,7 @@ class CachedViewDataset(Dataset):
     def store(self):
         # Opened lazily so each DataLoader worker has its own handle.
         if self._store is None:
-            from ssr_cache.feature_store import FeatureStore
+            from ssr_cache.store.feature_store import FeatureStore
 
             self._store = FeatureStore.open(self.url, mode="r")
         return self._store

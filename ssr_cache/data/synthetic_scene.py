@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# Cityscapes label ids (see ssr_cache.labels).
+# Cityscapes label ids (see ssr_cache.data.labels).
 UNLABELED, EGO_VEHICLE, STATIC = 0, 1, 4
 ROAD, SIDEWALK, BUILDING, WALL, FENCE = 7, 8, 11, 12, 13
 POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY = 17, 19, 20, 21, 22, 23

@@ -15,8 +15,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ssr_cache.atomic_file import write_atomic
+from ssr_cache.data.labels import PALETTE
 from ssr_cache.errors import SSRError
-from ssr_cache.labels import PALETTE
 
 EVAL_JSON = "eval.json"
 DPI = 100

@@ -1,0 +1,1 @@
+"""`ssr cache build`: build config, view planning, dry-run size estimate, the encoder pipeline."""

@@ -1,0 +1,1 @@
+"""The Zarr feature store: layout and codecs, reading and writing, info and verify."""

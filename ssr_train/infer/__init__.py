@@ -1,0 +1,1 @@
+"""Inference: evaluation, metrics, prediction writers, plots."""

@@ -1,0 +1,1 @@
+"""Training: typed config, streamed cached views, optimiser and schedule, checkpoints, the loop."""
