@@ -8,6 +8,7 @@ so the PNGs weigh about what photographs do); views are planned with the gta5 re
     python benchmarks/cache_build.py --quick          # 2 vit_b views, under 3 minutes on 2 CPU cores
     python benchmarks/cache_build.py --views 8        # fuller CPU run
     python benchmarks/cache_build.py --device cuda    # on a GPU (autocast bf16)
+    python benchmarks/cache_build.py --pipeline       # the pipeline around a free stand-in encoder vs its floor
 
 The SAM encoder has random weights (seeded): its timings are those of the real architecture and input size,
 but its features are not SAM features, so the byte and cosine figures are also given on smooth Gaussian
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_data import CROP, GTA5_SIZE, RESIZE, smooth_feature_set, write_gta5_like
 from bench_output import line, run_in_workdir, sync
+from pipeline_cost import run_pipeline
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
@@ -37,17 +40,11 @@ from ssr_cache.build.pipeline import (
     open_build_dataset,
     plan_build,
 )
-from ssr_cache.data.labels import ID_PALETTE
-from ssr_cache.data.png_io import read_rgb, write_png_atomic
-from ssr_cache.data.synthetic import forced_labels, gta5_files
-from ssr_cache.data.synthetic_scene import STYLES, render_scene
+from ssr_cache.data.png_io import read_rgb
 from ssr_cache.sam_encoder import build_sam_encoder, get_encoder_config
 from ssr_cache.store.feature_store import FeatureStore, StoreLayout
 from ssr_cache.store.inspect import store_info
 
-GTA5_SIZE = (1914, 1052)  # (W, H) of a GTA5 frame
-RESIZE = (1280, 720)  # DAFormer's gta5 img_scale (W, H)
-CROP = 512
 GOALS = {"build_over_encoder": ("<=", 1.10), "fp16_bytes_ratio": ("<=", 0.45), "int8_bytes_ratio": ("<=", 0.23),
          "read_speedup": (">=", 2.0)}
 
@@ -62,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sam", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs under autocast bf16)")
     p.add_argument("--read-rounds", type=int, default=None, help="read benchmark rounds (default 20, --quick 5)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="time the pipeline around a no-cost stand-in encoder against its floor (pipeline_cost.py)")
+    p.add_argument("--images", type=int, default=32, help="--pipeline: GTA5-size frames to build")
+    p.add_argument("--views-per-shard", type=int, default=64, help="--pipeline: the build's shard size")
+    p.add_argument("--writer-views", type=int, default=64, help="--pipeline: views the writer benchmark writes")
+    p.add_argument("--writer-views-per-shard", type=int, default=16, help="--pipeline: shard size of that writer")
     p.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one, deleted)")
     args = p.parse_args(argv)
     args.views = args.views or (2 if args.quick else 8)
@@ -69,22 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.views < 1 or args.views_per_image < 1 or args.batch_size < 1 or args.read_rounds < 1:
         p.error("--views, --views-per-image, --batch-size and --read-rounds must be at least 1")
     return args
-
-
-# ---------------------------------------------------------------- data
-
-
-def write_gta5_like(root: Path, n_images: int, style: str, seed: int = 0) -> list[Path]:
-    """n_images scenes at 1914x1052 in the GTA5 layout (images/NNNNN.png, palette labels/NNNNN.png)."""
-    paths = []
-    for i in range(n_images):
-        image, labels = render_scene(STYLES[style], *GTA5_SIZE, np.random.default_rng([seed, i]),
-                                     forced_labels(i, n_images))
-        image_path, label_path = gta5_files(root, i)
-        write_png_atomic(image_path, image)
-        write_png_atomic(label_path, labels, palette=ID_PALETTE)
-        paths.append(image_path)
-    return paths
 
 
 # ---------------------------------------------------------------- encoder alone vs build
@@ -144,24 +131,6 @@ def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (dot / np.maximum(norm, 1e-30)).ravel()
 
 
-def smooth_fields(rng: np.random.Generator, n: int, c: int, g: int, corr: float, std: float) -> np.ndarray:
-    """Gaussian random fields with correlation length `corr` cells and per-channel offsets (as the store tests)."""
-    x = rng.standard_normal((n, c, g, g))
-    k = np.fft.fftfreq(g)
-    x = np.fft.ifft2(np.fft.fft2(x) * np.exp(-0.5 * (k[:, None] ** 2 + k**2) * (2 * np.pi * corr) ** 2)).real
-    x = x / x.std(axis=(2, 3), keepdims=True) * std + rng.normal(0, std / 2, (n, c, 1, 1))
-    return x.astype(np.float32)
-
-
-def smooth_feature_set(n: int, levels: tuple[int, ...], channels: int) -> dict[str, np.ndarray]:
-    finest = smooth_fields(np.random.default_rng(0), n, channels, levels[0], corr=3.0, std=0.5)
-    out = {}
-    for g in levels:  # coarser levels are average pools, as the encoder makes them
-        f = levels[0] // g
-        out[f"l{g}"] = finest.reshape(n, channels, g, f, g, f).mean(axis=(3, 5))
-    return out
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -203,7 +172,7 @@ def read_benchmark(stores: dict[str, FeatureStore], pngs: dict[str, list[Path]],
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message="SAM encoder .* has no checkpoint")
-    run_in_workdir(run, args, prefix="ssr-bench-")
+    run_in_workdir(run_pipeline if args.pipeline else run, args, prefix="ssr-bench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssr_cache.build.config import DATASET_DOMAIN, CacheBuildConfig
+from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view, class_counts
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
+from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
 from ssr_cache.errors import SSRError
-from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
-from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view, class_counts
 
 FORMAT_VERSION = 1
 
@@ -65,8 +65,8 @@ def plan_config(cfg: CacheBuildConfig, ds: SegmentationDataset) -> ViewPlanConfi
 
 
 def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, *, progress: bool = True) -> ViewTable:
-    from ssr_cache.data.png_io import image_size
     from ssr_cache.build.view_plan import plan_views
+    from ssr_cache.data.png_io import image_size
 
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     sizes = [image_size(ds.items[i].image) for i in range(n_images)]
@@ -291,7 +291,9 @@ def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, plan: ViewT
     return FeatureStore.open(cfg.out, mode="r+")
 
 
-def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None) -> BuildResult:
+def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None, encoder=None) -> BuildResult:
+    """`encoder`: an already built encoder (benchmarks time the pipeline around a stand-in); None builds
+    the one `cfg` names. The CLI never passes one."""
     from rich.console import Console
 
     from ssr_cache.sam_encoder import build_sam_encoder
@@ -306,7 +308,8 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None) -
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        encoder = build_sam_encoder(cfg.sam, cfg.sam_checkpoint, seed=cfg.sam_seed, device=cfg.device)
+        if encoder is None:
+            encoder = build_sam_encoder(cfg.sam, cfg.sam_checkpoint, seed=cfg.sam_seed, device=cfg.device)
     if encoder.random_init and rank.rank == 0:
         console.print(f"[bold yellow]WARNING: {cfg.sam} has no checkpoint: RANDOM weights (seed "
                       f"{cfg.sam_seed}). These are NOT SAM features; the cache records random_init: true.[/]")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssr_cache.errors import SSRError
 from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr_cache.errors import SSRError
 
 # mmseg RandomCrop's cat_max_ratio rule: draw up to this many crops, keep the first that passes, else the last.
 CAT_MAX_TRIES = 10

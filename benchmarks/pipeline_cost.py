@@ -1,0 +1,223 @@
+"""`cache_build.py --pipeline`: what the build costs around the SAM encoder, against the floor of that work.
+
+The real `build_cache` runs at GTA5 size (1914x1052 photograph-weight PNGs, 1280x720 resize, 512 crops, K
+views per image) with a stand-in encoder that returns fixed SAM-shaped features at no cost, so every CPU
+second measured is the pipeline's own: decoding, cropping, batching, casting, compressing, writing.
+
+  pipeline_core_ms_per_view  CPU time of every process and thread of the build (workers included) / views
+  floor_core_ms_per_view     decoding one frame / K + compressing one view's stored bytes with the store's
+                             own codecs, measured in the same run: work no pipeline can avoid
+  pipeline_over_floor(_int8) the ratio (goal <= 1.5)
+  pipeline_views_per_s_wN    wall-clock views/s with N decoding workers
+  writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
+
+CPU times are per-process rusage (workers counted once they exit), so they hardly move with the machine's
+load; the views/s figures do. The load average is printed with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import torch
+from bench_data import CROP, RESIZE, smooth_feature_set, write_gta5_like
+from bench_output import line
+from rich.console import Console
+
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import ViewCropDataset, build_cache, open_build_dataset, plan_build
+from ssr_cache.data.png_io import read_rgb
+from ssr_cache.sam_encoder import get_encoder_config
+from ssr_cache.store.feature_codec import feature_compressors, lossless_compressors, quantize_int8
+from ssr_cache.store.feature_store import FeatureStore, StoreLayout
+
+GOALS = {"pipeline_over_floor": ("<=", 1.5), "pipeline_over_floor_int8": ("<=", 1.5), "writer_scaling": (">=", 1.7)}
+
+
+class StandInEncoder:
+    """A benchmark instrument, never reachable from the CLI: the encoder's interface with SAM-shaped
+    fixed features (smooth fields, so they compress like real ones) returned at no cost."""
+
+    random_init = True
+
+    def __init__(self, name: str = "vit_b"):
+        self.config = get_encoder_config(name)
+        self.grid = self.config.grid
+        self.levels = tuple(g for g in (self.grid, self.grid // 2, self.grid // 4) if g >= 1)
+        feats = smooth_feature_set(1, self.levels, self.config.out_chans)
+        self.features = {name: torch.from_numpy(f) for name, f in feats.items()}
+        self.device = torch.device("cpu")
+
+    def fingerprint(self) -> dict:
+        return {"name": f"stand-in-{self.config.name}", "grid": self.grid, "random_init": True}
+
+    def encode(self, crops, *, levels=None, interm=False, autocast_dtype=None, **_) -> dict[str, torch.Tensor]:
+        n = len(crops)
+        levels = self.levels if levels is None else levels
+        return {f"l{g}": self.features[f"l{g}"].expand(n, -1, -1, -1) for g in levels}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process (all threads) and of its exited, waited-for children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def load_note() -> str:
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def timed_build(cfg: CacheBuildConfig, encoder) -> tuple[float, float, int]:
+    """(CPU seconds, wall seconds, views built) of one real build_cache call."""
+    c, t = cpu_seconds(), time.perf_counter()
+    result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
+    return cpu_seconds() - c, time.perf_counter() - t, result.built_views
+
+
+def median_thread_time(fn, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t)
+    return float(np.median(times))
+
+
+def view_bytes(item: dict, features: dict[str, np.ndarray], dtype: str) -> list[tuple[np.ndarray, object]]:
+    """One view's stored arrays as the store encodes them: (array, its blosc codec) per array."""
+    def blosc(codecs):
+        b = codecs[0]
+        return numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=numcodecs.Blosc.SHUFFLE
+                               if b.shuffle.value == "shuffle" else numcodecs.Blosc.NOSHUFFLE,
+                               blocksize=b.blocksize)
+
+    out = [(item["pixels"][0], blosc(lossless_compressors("uint8"))),
+           (item["labels"][0], blosc(lossless_compressors("uint8"))),
+           (item["counts"][0], blosc(lossless_compressors("int32")))]
+    for f in features.values():
+        if dtype == "float16":
+            out.append((f[0].astype(np.float16), blosc(feature_compressors("float16"))))
+        else:
+            codes, scale, offset = quantize_int8(f[:1])
+            out += [(codes[0], blosc(feature_compressors("int8"))), (scale[0], blosc(lossless_compressors("float32"))),
+                    (offset[0], blosc(lossless_compressors("float32")))]
+    return out
+
+
+def compress_all(arrays: list[tuple[np.ndarray, object]]) -> None:
+    for arr, codec in arrays:
+        data = codec.encode(np.ascontiguousarray(arr))
+        google_crc32c.value(bytes(data))
+
+
+def floor_ms(png: Path, item: dict, features: dict[str, np.ndarray], vpi: int) -> dict[str, float]:
+    """Decode one frame / K + compress one view's stored bytes (fp16 and int8), single-threaded CPU ms."""
+    numcodecs.blosc.use_threads = False  # the store compresses in worker threads, where blosc is serial
+    decode = median_thread_time(lambda: read_rgb(png))
+    out = {"decode_per_view": 1000 * decode / vpi}
+    for dtype in ("float16", "int8"):
+        arrays = view_bytes(item, features, dtype)
+        out[dtype] = 1000 * median_thread_time(lambda a=arrays: compress_all(a), rounds=5)
+    return out
+
+
+def writer_rate(url: Path, src: FeatureStore, layout: StoreLayout, shards: list[dict], threads: int) -> float:
+    """Views per second when `threads` threads write the prepared shards (each thread its own shards)."""
+    store = FeatureStore.create(str(url), layout, src.view_arrays(), src.sample_ids, src.fingerprint, overwrite=True)
+    errors = []
+
+    def work(mine: list[int]) -> None:
+        try:
+            for s in mine:
+                store.write_shard(s, **shards[s])
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    t = time.perf_counter()
+    pool = [threading.Thread(target=work, args=(list(range(i, len(shards), threads)),)) for i in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    seconds = time.perf_counter() - t
+    if errors:
+        raise errors[0]
+    return sum(np.subtract(*layout.shard_range(s)[::-1]) for s in range(len(shards))) / seconds
+
+
+def run_pipeline(args: argparse.Namespace, work: Path) -> None:
+    t_all = time.perf_counter()
+    vpi = args.views_per_image
+    n_images = args.images
+    encoder = StandInEncoder("vit_b")
+    root = work / "gta5"
+    pngs = write_gta5_like(root, n_images, "cityscapes", distinct=2)
+    mb = pngs[0].stat().st_size / 1e6
+    print(f"# machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', '(unset)')}, {load_note()}")
+    print(f"# data: {n_images} GTA5-layout 1914x1052 frames ({mb:.1f} MB PNG each) x {vpi} views = "
+          f"{n_images * vpi} views, resize {RESIZE[0]}x{RESIZE[1]}, crop {CROP}, stand-in vit_b encoder "
+          f"(fixed features, levels {encoder.levels}), batch {args.batch_size}, {args.views_per_shard} views/shard")
+
+    def config(name: str, dtype: str, workers: int) -> CacheBuildConfig:
+        return CacheBuildConfig(dataset="gta5", data_root=root, out=str(work / name), sam="vit_b",
+                                views_per_image=vpi, crop=(CROP, CROP), resize=RESIZE, batch_size=args.batch_size,
+                                feature_dtype=dtype, views_per_shard=args.views_per_shard, workers=workers,
+                                overwrite=True)
+
+    runs = {}
+    for name, dtype, workers in (("fp16_w2", "float16", 2), ("int8_w2", "int8", 2), ("fp16_w1", "float16", 1)):
+        runs[name] = timed_build(config(name, dtype, workers), encoder)
+        cpu, wall, n = runs[name]
+        print(f"# build {name}: {n} views, CPU {cpu:.1f} s, wall {wall:.1f} s, {load_note()}")
+
+    cfg = config("fp16_w2", "float16", 2)
+    ds = open_build_dataset(cfg)
+    plan = plan_build(cfg, ds, progress=False)
+    item = ViewCropDataset(ds, plan, np.arange(vpi), labelled=True)[0]
+    feats = {k: v.numpy() for k, v in encoder.encode(np.zeros((1,))).items()}
+    floor = floor_ms(pngs[0], item, feats, vpi)
+    floor16 = floor["decode_per_view"] + floor["float16"]
+    floor8 = floor["decode_per_view"] + floor["int8"]
+    cpu16 = 1000 * runs["fp16_w2"][0] / runs["fp16_w2"][2]
+    cpu8 = 1000 * runs["int8_w2"][0] / runs["int8_w2"][2]
+    line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers; int8 {cpu8:.1f} ms")
+    line("floor_core_ms_per_view", floor16, f"decode {floor['decode_per_view']:.1f} ms (one frame / {vpi}) + "
+         f"compress {floor['float16']:.1f} ms (fp16 view); int8 {floor8:.1f} ms (compress {floor['int8']:.1f})")
+    line("pipeline_over_floor", cpu16 / floor16)
+    line("pipeline_over_floor_int8", cpu8 / floor8)
+    for name in ("fp16_w1", "fp16_w2"):
+        _, wall, n = runs[name]
+        line(f"pipeline_views_per_s_w{name[-1]}", n / wall, f"{n} views in {wall:.1f} s wall")
+
+    # The writer alone: prepared shards (what the pipeline hands its writer) written by 1, 2 and N threads.
+    src = FeatureStore.open(work / "fp16_w2")
+    vps = args.writer_views_per_shard
+    layout = StoreLayout.from_dict({**src.layout.to_dict(), "views_per_shard": vps})
+    n_shards = min(layout.n_shards, max(1, args.writer_views // vps))
+    shards = []
+    for s in range(n_shards):
+        a, b = layout.shard_range(s)
+        got = src.read_views(np.arange(a, b), with_pixels=True)
+        shards.append({"pixels": got["pixels"], "labels": got["label"], "class_counts": got["class_counts"],
+                       "features": {k: np.repeat(v.numpy(), b - a, axis=0) for k, v in encoder.features.items()}})
+    threads = max(2, os.cpu_count() or 2)
+    rates = {t: writer_rate(work / f"writer_t{t}", src, layout, shards, t) for t in sorted({1, 2, threads})}
+    for t, rate in rates.items():
+        line(f"writer_views_per_s_t{t}", rate, f"{n_shards} shards of {vps} views, fp16, {load_note()}")
+    line("writer_scaling", rates[2] / rates[1], "2 writer threads / 1")
+
+    figures = {"pipeline_over_floor": cpu16 / floor16, "pipeline_over_floor_int8": cpu8 / floor8,
+               "writer_scaling": rates[2] / rates[1]}
+    for name, (op, goal) in GOALS.items():
+        ok = figures[name] <= goal if op == "<=" else figures[name] >= goal
+        print(f"# goal {name} {op} {goal}: {'met' if ok else 'MISSED'} ({figures[name]:.3f})")
+    print(f"# total {time.perf_counter() - t_all:.0f} s, {load_note()}")
