@@ -200,8 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     # One-time start-up, timed as build_cache does it: open the dataset, plan, construct the encoder.
     t = time.perf_counter()
-    ds = open_build_dataset(cfg)
-    plan = plan_build(cfg, ds, progress=False)
+    ds, labelled = open_build_dataset(cfg)
+    plan = plan_build(cfg, ds, labelled, progress=False).views
     t_plan = time.perf_counter() - t
     t = time.perf_counter()
     encoder = build_sam_encoder(args.sam, seed=cfg.sam_seed, device=args.device)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssr_cache.errors import SSRError
-from ssr_cli.parsing import parse_int_list, parse_size
+from ssr_cli.parsing import parse_int_list, parse_resize, parse_size
 
 cache_app = typer.Typer(help="SAM feature caches: build, info, verify.", no_args_is_help=True)
 console = Console()
@@ -25,16 +25,24 @@ def _parse_range(text: str) -> tuple[float, float]:
 
 @cache_app.command("build")
 def build(
-    dataset: str = typer.Option(..., help="gta5 (labelled source) or cityscapes (unlabelled target)."),
+    dataset: str = typer.Option(..., help="gta5, synthia, cityscapes, acdc, dark_zurich or folder."),
     data_root: Path = typer.Option(..., "--data-root", help="Dataset root in the real layout."),
     out: str = typer.Option(..., help="Store path or fsspec URL (s3://…, memory://…)."),
     split: str = typer.Option("train", help="Dataset split."),
+    labelled: bool = typer.Option(None, "--labelled/--unlabelled", show_default=False,
+                                  help="Build a labelled source (labels stored, cat_max_ratio, RCS counts) or an "
+                                       "unlabelled target. Default: gta5/synthia labelled, cityscapes/acdc/"
+                                       "dark_zurich train unlabelled, a folder labelled when it has labels/."),
+    conditions: str = typer.Option(None, help="ACDC fog,night,rain,snow (default all); Dark Zurich "
+                                              "day,twilight,night (default night)."),
     sam: str = typer.Option("vit_b", help="SAM encoder: vit_b, vit_l, vit_h, or vit_tiny (tests/demo)."),
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Official SAM .pth; none = random init."),
     sam_seed: int = typer.Option(0, help="Seed of a random-init encoder."),
     views_per_image: int = typer.Option(4, help="Augmented views (crops) per image."),
     crop: str = typer.Option("512", help="Crop size: 512 (square) or WxH."),
-    resize: str = typer.Option(None, help="Resize target WxH before cropping (default: 1280x720 GTA5, 1024x512 Cityscapes)."),
+    resize: str = typer.Option(None, help="Keep-ratio resize bound WxH, or one number = the short side (default: "
+                                          "DAFormer's per dataset: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes "
+                                          "1024x512, ACDC/Dark Zurich 960x540; folder: short side 512)."),
     ratio_range: str = typer.Option("1.0,1.0", help="Random rescale ratio range lo,hi."),
     seed: int = typer.Option(0, help="Seed of the view plan."),
     levels: str = typer.Option(None, help="Stored grid sizes, e.g. 64,32,16 (default: neck, /2, /4)."),
@@ -53,9 +61,10 @@ def build(
 
     w, h = parse_size(crop, what="--crop")
     cfg = CacheBuildConfig(
-        dataset=dataset, data_root=data_root, out=out, split=split, sam=sam, sam_checkpoint=sam_checkpoint,
-        sam_seed=sam_seed, views_per_image=views_per_image, crop=(h, w),
-        resize=parse_size(resize, what="--resize") if resize else None, ratio_range=_parse_range(ratio_range),
+        dataset=dataset, data_root=data_root, out=out, split=split, labelled=labelled,
+        conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()) if conditions else None,
+        sam=sam, sam_checkpoint=sam_checkpoint, sam_seed=sam_seed, views_per_image=views_per_image, crop=(h, w),
+        resize=parse_resize(resize) if resize else None, ratio_range=_parse_range(ratio_range),
         seed=seed, levels=parse_int_list(levels, what="--levels") if levels else None, interm=interm,
         feature_dtype=feature_dtype, views_per_shard=views_per_shard, batch_size=batch_size, device=device,
         workers=workers, max_images=max_images, overwrite=overwrite,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssr_cache.data.datasets.base import SHORT_SIDE_ONLY
 from ssr_cache.errors import SSRError
 
 
@@ -17,6 +18,16 @@ def parse_size(text: str, *, what: str = "size") -> tuple[int, int]:
     if len(values) != 2 or min(values) <= 0:
         raise SSRError(f"{what} must look like WxH with positive numbers, got {text!r}")
     return values[0], values[1]
+
+
+def parse_resize(text: str) -> tuple[int, int]:
+    """--resize: 'WxH' (a keep-ratio bound, mmcv's img_scale) or one number S = short side S, any long side."""
+    if text.strip().isdigit():
+        short = int(text)
+        if short <= 0:
+            raise SSRError(f"--resize short side must be positive, got {text!r}")
+        return SHORT_SIDE_ONLY, short
+    return parse_size(text, what="--resize")
 
 
 def parse_int_list(text: str, *, what: str) -> tuple[int, ...]:

@@ -83,7 +83,8 @@ def test_unreadable_files_name_the_file(tmp_path):
     with pytest.raises(SSRError, match=r"text\.png: not a readable image"):
         read_rgb(tmp_path / "text.png")
     with pytest.raises(SSRError, match=r"jpeg\.png: expected a PNG file, found JPEG"):
-        image_size(tmp_path / "jpeg.png")
+        read_label_ids(tmp_path / "jpeg.png")  # a JPEG where a label is expected
+    assert image_size(tmp_path / "jpeg.png") == (32, 24)  # images may be JPEG (a user's own folder)
     with pytest.raises(SSRError, match=r"missing\.png: file not found"):
         read_label_ids(tmp_path / "missing.png")
 
@@ -117,7 +118,7 @@ def test_gta5_load_maps_ids_to_train_ids(tmp_path):
     assert (label[16:] == ROAD).all()  # id 7 → 0
     assert np.array_equal(ds.load_label(2), label)
     assert np.array_equal(ds.load_image(0), image(0))
-    assert ds.size_mismatches == 0
+    assert not any(ds.was_resized(i) for i in range(len(ds)))
 
 
 def test_gta5_label_of_another_size_is_resized_nearest_and_counted(tmp_path):
@@ -133,11 +134,11 @@ def test_gta5_label_of_another_size_is_resized_nearest_and_counted(tmp_path):
     expected[:2, :2] = CAR
     expected[22:, 30:] = PERSON
     assert np.array_equal(label, expected)
-    assert ds.size_mismatches == 1 and ds.was_resized(2) and not ds.was_resized(0)
+    assert ds.was_resized(2) and not ds.was_resized(0) and not ds.was_resized(1)
     ds.load(2)
     ds.load_label(2)
     ds.load(0)
-    assert ds.size_mismatches == 1  # distinct samples, not loads
+    assert len(ds._resized) == 1  # distinct samples, not loads
 
 
 def test_gta5_image_without_label_names_the_file(tmp_path):
@@ -162,7 +163,7 @@ def test_gta5_bad_inputs(tmp_path):
     make_gta5(tmp_path, n=1)
     with pytest.raises(SSRError, match=r"gta5 has no split 'val'; choose one of: train, all"):
         open_dataset("gta5", tmp_path, split="val")
-    with pytest.raises(SSRError, match=r"^unknown dataset 'gta6'; choose one of: cityscapes, gta5$"):
+    with pytest.raises(SSRError, match=r"^unknown dataset 'gta6'; choose one of: gta5, synthia, cityscapes, acdc, dark_zurich, folder$"):
         open_dataset("gta6", tmp_path)
 
 
@@ -256,7 +257,8 @@ def test_cityscapes_bad_inputs(tmp_path):
 def test_registry_and_pickling(tmp_path):
     import pickle
 
-    assert DATASETS == {"gta5": GTA5, "cityscapes": Cityscapes}
+    assert list(DATASETS) == ["gta5", "synthia", "cityscapes", "acdc", "dark_zurich", "folder"]
+    assert DATASETS["gta5"] is GTA5 and DATASETS["cityscapes"] is Cityscapes
     make_gta5(tmp_path, n=2)
     ds = open_dataset("gta5", tmp_path)
     copy = pickle.loads(pickle.dumps(ds))

@@ -10,10 +10,10 @@ from ssr_cache.build.view_plan import (
     ViewPlanConfig,
     ViewTable,
     apply_view,
-    class_counts,
     plan_views,
     rescale_size,
 )
+from ssr_cache.data.label_space import CITYSCAPES
 from ssr_cache.errors import SSRError
 
 SMALL = ViewPlanConfig(resize=(128, 64), crop=(32, 32), views_per_image=3, seed=0)
@@ -175,7 +175,7 @@ def test_plan_then_apply_gives_crop_sized_views():
 
 def test_class_counts():
     lab = np.array([[0, 0, 18, 255], [19, 5, 5, 5]], np.uint8)
-    counts = class_counts(lab)
+    counts = CITYSCAPES.count(lab)
     assert counts.dtype == np.int64 and counts.shape == (19,)
     assert counts[0] == 2 and counts[5] == 3 and counts[18] == 1 and counts.sum() == 6
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ssr_cache.data.datasets import check_dataset_name
 from ssr_cache.errors import SSRError
 
 FEATURE_DTYPES = ("float16", "int8")
-# Which domain each dataset is in UDA: GTA5 is the labelled source, Cityscapes the unlabelled target.
-DATASET_DOMAIN = {"gta5": 0, "cityscapes": 1}
 
 
 @dataclass(frozen=True)
@@ -18,12 +17,14 @@ class CacheBuildConfig:
     data_root: Path
     out: str
     split: str = "train"
+    labelled: bool | None = None  # a labelled source? None: the dataset's default for the split
+    conditions: tuple[str, ...] | None = None  # ACDC / Dark Zurich sub-domains; None: the dataset's default
     sam: str = "vit_b"
     sam_checkpoint: Path | None = None
     sam_seed: int = 0
     views_per_image: int = 4
     crop: tuple[int, int] = (512, 512)  # (H, W)
-    resize: tuple[int, int] | None = None  # (W, H); None: the dataset's DAFormer default
+    resize: tuple[int, int] | None = None  # (W, H) keep-ratio bound; None: the dataset's DAFormer default
     ratio_range: tuple[float, float] = (1.0, 1.0)
     cat_max_ratio: float | None = 0.75
     seed: int = 0
@@ -52,8 +53,9 @@ class CacheBuildConfig:
             raise SSRError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_images is not None and self.max_images <= 0:
             raise SSRError(f"--max-images must be at least 1, got {self.max_images}")
-        if self.dataset not in DATASET_DOMAIN:
-            raise SSRError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DOMAIN)}")
+        check_dataset_name(self.dataset)
+        if self.conditions is not None:
+            object.__setattr__(self, "conditions", tuple(self.conditions))
 
     def stored_dict(self) -> dict:
         """What the store records of its build: everything but where it was written and how it was run,

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssr_cache.build.config import DATASET_DOMAIN, CacheBuildConfig
-from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view, class_counts
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
-from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
 from ssr_cache.errors import SSRError
 
@@ -46,14 +45,17 @@ class BuildResult:
 # ---------------------------------------------------------------- planning
 
 
-def open_build_dataset(cfg: CacheBuildConfig) -> SegmentationDataset:
-    # Only the labelled source uses labels (cat_max_ratio, stored label crops); the target stays unlabelled.
-    labelled = DATASET_DOMAIN[cfg.dataset] == 0
-    return open_dataset(cfg.dataset, cfg.data_root, split=cfg.split, require_labels=labelled)
+def open_build_dataset(cfg: CacheBuildConfig) -> tuple[SegmentationDataset, bool]:
+    """(dataset, labelled). Only a labelled source uses labels (cat_max_ratio, stored label crops, RCS
+    counts); a target stays unlabelled even when its files have labels."""
+    ds = open_dataset(cfg.dataset, cfg.data_root, split=cfg.split, require_labels=False, conditions=cfg.conditions)
+    labelled = ds.labelled_by_default() if cfg.labelled is None else cfg.labelled
+    if labelled:
+        ds.check_labels()
+    return ds, labelled
 
 
-def plan_config(cfg: CacheBuildConfig, ds: SegmentationDataset) -> ViewPlanConfig:
-    labelled = DATASET_DOMAIN[cfg.dataset] == 0
+def plan_config(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool) -> ViewPlanConfig:
     return ViewPlanConfig(
         resize=cfg.resize or ds.resize_to,
         crop=cfg.crop,
@@ -64,15 +66,41 @@ def plan_config(cfg: CacheBuildConfig, ds: SegmentationDataset) -> ViewPlanConfi
     )
 
 
-def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, *, progress: bool = True) -> ViewTable:
+@dataclass(frozen=True, eq=False)
+class BuildPlan:
+    views: ViewTable
+    image_class_counts: np.ndarray | None  # (n_images, num_classes) int64 at full resolution; None: unlabelled
+    unlisted_pixels: int  # label pixels whose value the label table does not list (ignored)
+
+
+def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *, progress: bool = True
+               ) -> BuildPlan:
+    """The view table, and for a labelled source each image's full-resolution class counts (rare-class
+    sampling's eligibility, as the reference computes it), from one read of every label."""
     from ssr_cache.build.view_plan import plan_views
     from ssr_cache.data.png_io import image_size
 
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     sizes = [image_size(ds.items[i].image) for i in range(n_images)]
-    labelled = DATASET_DOMAIN[cfg.dataset] == 0
-    loader = ds.load_label if (labelled and cfg.cat_max_ratio is not None) else None
-    return plan_views(sizes, plan_config(cfg, ds), label_loader=loader, progress=progress)
+    if not labelled:
+        return BuildPlan(plan_views(sizes, plan_config(cfg, ds, labelled), progress=progress), None, 0)
+    space = ds.label_space
+    counts = np.zeros((n_images, space.num_classes), np.int64)
+    unlisted = np.zeros(n_images, np.int64)
+
+    def count_label(i: int) -> np.ndarray:
+        label, unlisted[i] = ds.read_label(i, image_wh=sizes[i])
+        counts[i] = space.count(label)
+        return label
+
+    if cfg.cat_max_ratio is None:
+        for i in range(n_images):
+            count_label(i)
+        loader = None
+    else:
+        loader = count_label
+    table = plan_views(sizes, plan_config(cfg, ds, labelled), label_loader=loader, progress=progress)
+    return BuildPlan(table, counts, int(unlisted.sum()))
 
 
 def default_levels(grid: int) -> tuple[int, ...]:
@@ -87,12 +115,12 @@ def resolve_levels(cfg: CacheBuildConfig, grid: int) -> tuple[int, ...]:
     return tuple(sorted(set(levels), reverse=True))
 
 
-def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, plan: ViewTable,
+def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, plan: ViewTable,
                       encoder_fp: dict, levels: tuple[int, ...]) -> dict:
     """What must match for two builds to be the same cache (and for a trainer to accept it)."""
     from ssr_cache import __version__
 
-    pc = plan_config(cfg, ds)
+    pc = plan_config(cfg, ds, labelled)
     return {
         "format_version": FORMAT_VERSION,
         "encoder": encoder_fp,
@@ -103,7 +131,9 @@ def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, plan: View
         "views_per_shard": cfg.views_per_shard,
         "dataset": cfg.dataset,
         "split": cfg.split,
-        "domain": DATASET_DOMAIN[cfg.dataset],
+        "domain": 0 if labelled else 1,  # the view column's value; `labelled` is the fact to read
+        "labelled": labelled,
+        "label_space": ds.label_space.to_dict(),
         "file_list_sha256": ds.file_list_hash(),
         "n_images": int(len(np.unique(plan.sample_index))),
         "plan": {
@@ -126,6 +156,7 @@ class ViewCropDataset(Dataset):
 
     def __init__(self, ds: SegmentationDataset, plan: ViewTable, view_indices: np.ndarray, labelled: bool):
         self.ds = ds
+        self.space = ds.label_space
         self.plan = plan
         self.labelled = labelled
         order = np.sort(view_indices)
@@ -145,10 +176,10 @@ class ViewCropDataset(Dataset):
         for v in views:
             crop, label_crop = apply_view(image, label, self.plan.row(int(v)))
             if label_crop is None:
-                label_crop = np.full(crop.shape[:2], IGNORE_INDEX, np.uint8)
+                label_crop = np.full(crop.shape[:2], self.space.ignore_index, np.uint8)
             crops.append(crop)
             labels.append(label_crop)
-            counts.append(class_counts(label_crop))
+            counts.append(self.space.count(label_crop))
         return {"views": views, "pixels": np.stack(crops), "labels": np.stack(labels),
                 "counts": np.stack(counts).astype(np.int32)}
 
@@ -157,12 +188,12 @@ class ViewCropDataset(Dataset):
 
 
 class ShardBuffer:
-    def __init__(self, start: int, stop: int, crop_hw: tuple[int, int]):
+    def __init__(self, start: int, stop: int, crop_hw: tuple[int, int], num_classes: int):
         n = stop - start
         self.start, self.stop = start, stop
         self.pixels = np.zeros((n, *crop_hw, 3), np.uint8)
         self.labels = np.zeros((n, *crop_hw), np.uint8)
-        self.counts = np.zeros((n, NUM_CLASSES), np.int32)
+        self.counts = np.zeros((n, num_classes), np.int32)
         self.features: dict[str, np.ndarray] = {}
         self.filled = np.zeros(n, bool)
 
@@ -267,11 +298,12 @@ def iter_batches(loader: DataLoader, batch_size: int) -> Iterator[list[dict]]:
         yield pending
 
 
-def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, plan: ViewTable, ds: SegmentationDataset,
-                         fingerprint: dict, rank: RankInfo):
+def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, build_plan: BuildPlan,
+                         ds: SegmentationDataset, fingerprint: dict, rank: RankInfo):
     from ssr_cache.store.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
 
     layout = StoreLayout(**layout_kwargs)
+    plan = build_plan.views
     n_views = len(plan)
     sample_ids = [ds.sample_ids[i] for i in range(int(plan.sample_index.max()) + 1)]
     if rank.rank == 0:
@@ -284,7 +316,8 @@ def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, plan: ViewT
             view_arrays = dict(plan.to_arrays(), domain=np.full(n_views, fingerprint["domain"], np.uint8))
             try:
                 FeatureStore.create(cfg.out, layout, view_arrays, sample_ids, fingerprint,
-                                    overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.stored_dict()})
+                                    overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.stored_dict()},
+                                    image_class_counts=build_plan.image_class_counts)
             except OSError as exc:
                 raise translate_os_error(exc, cfg.out) from exc
     barrier(rank)
@@ -302,9 +335,12 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None, e
     rank = rank_info()
     cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
     t0 = time.perf_counter()
-    ds = open_build_dataset(cfg)
-    labelled = DATASET_DOMAIN[cfg.dataset] == 0
-    plan = plan_build(cfg, ds, progress=progress and rank.rank == 0)
+    ds, labelled = open_build_dataset(cfg)
+    build_plan = plan_build(cfg, ds, labelled, progress=progress and rank.rank == 0)
+    plan = build_plan.views
+    if build_plan.unlisted_pixels and rank.rank == 0:
+        console.print(f"[yellow]note:[/] {build_plan.unlisted_pixels} label pixels hold values the label table "
+                      "does not list; they are ignored")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -318,11 +354,11 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None, e
             console.print(f"[yellow]warning:[/] {w.message}")
     levels = resolve_levels(cfg, encoder.grid)
     interm = tuple((k, encoder.config.embed_dim) for k in encoder.config.global_attn_indexes) if cfg.interm else ()
-    fingerprint = build_fingerprint(cfg, ds, plan, encoder.fingerprint(), levels)
+    fingerprint = build_fingerprint(cfg, ds, labelled, plan, encoder.fingerprint(), levels)
     layout_kwargs = dict(n_views=len(plan), crop_hw=tuple(cfg.crop), channels=encoder.config.out_chans,
                          levels=levels, interm=interm, feature_dtype=cfg.feature_dtype,
-                         views_per_shard=cfg.views_per_shard, num_classes=NUM_CLASSES)
-    store = open_or_create_store(cfg, layout_kwargs, plan, ds, fingerprint, rank)
+                         views_per_shard=cfg.views_per_shard, num_classes=ds.label_space.num_classes)
+    store = open_or_create_store(cfg, layout_kwargs, build_plan, ds, fingerprint, rank)
 
     pending = store.pending_shards()
     done_before = int(store.done_mask().sum())
@@ -381,7 +417,7 @@ def _route_inputs(item: dict, buffers: dict, shard_of: dict, store, cfg: CacheBu
     views = item["views"]
     for s in sorted({shard_of[int(v)] for v in views}):
         if buffers[s] is None:
-            buffers[s] = ShardBuffer(*store.shard_range(s), tuple(cfg.crop))
+            buffers[s] = ShardBuffer(*store.shard_range(s), tuple(cfg.crop), store.layout.num_classes)
         sel = np.array([shard_of[int(v)] == s for v in views])
         buffers[s].put_inputs(views[sel], item["pixels"][sel], item["labels"][sel], item["counts"][sel])
 

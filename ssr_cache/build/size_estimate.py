@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ssr_cache.build.config import CacheBuildConfig
-from ssr_cache.data.labels import NUM_CLASSES
 
 # Stored/raw ratios used only to project sizes before anything is built. Features: measured in
 # docs/benchmarks.md (fp16 0.379 of fp32 = 0.76 of raw fp16; int8 0.240 of fp32 = 0.96 of raw codes).
@@ -27,14 +26,14 @@ def describe_plan(cfg: CacheBuildConfig) -> dict:
     enc = SAM_ENCODERS[cfg.sam]
     grid = enc.img_size // enc.patch_size
     levels = resolve_levels(cfg, grid)
-    ds = open_build_dataset(cfg)
+    ds, _ = open_build_dataset(cfg)
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     n_views = n_images * cfg.views_per_image
     h, w = cfg.crop
     arrays = [
         ("pixels", h * w * 3, PROJECTED_RATIO["pixels"]),
         ("labels", h * w, PROJECTED_RATIO["labels"]),
-        ("class_counts", NUM_CLASSES * 4, PROJECTED_RATIO["class_counts"]),
+        ("class_counts", ds.label_space.num_classes * 4, PROJECTED_RATIO["class_counts"]),
     ]
     for g in levels:
         arrays.append((f"features/l{g}", feature_bytes_per_view(enc.out_chans, g, cfg.feature_dtype),

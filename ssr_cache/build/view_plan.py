@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssr_cache.data.labels import IGNORE_INDEX, NUM_CLASSES
+from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_cache.errors import SSRError
 
 # mmseg RandomCrop's cat_max_ratio rule: draw up to this many crops, keep the first that passes, else the last.
@@ -227,12 +227,6 @@ def apply_view(image: np.ndarray, label: np.ndarray | None, view: View) -> tuple
         crop = crop[:, ::-1]
         label_crop = None if label_crop is None else label_crop[:, ::-1]
     return np.ascontiguousarray(crop), None if label_crop is None else np.ascontiguousarray(label_crop)
-
-
-def class_counts(label_crop: np.ndarray) -> np.ndarray:
-    """Pixels per trainId 0..18 (ignore and anything else excluded), int64 (19,)."""
-    flat = np.asarray(label_crop).ravel()
-    return np.bincount(flat[flat < NUM_CLASSES], minlength=NUM_CLASSES).astype(np.int64)
 
 
 def _linear_taps(out_range: range, in_size: int, out_size: int):

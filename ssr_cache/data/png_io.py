@@ -1,4 +1,8 @@
-"""Reading and writing the PNG files of both datasets; every failure is one SSRError line naming the file."""
+"""Reading and writing dataset image and label files; every failure is one SSRError line naming the file.
+
+Images may be PNG, JPEG or WebP (a user's own folder); labels are always PNG. SYNTHIA's labels are 16-bit
+multi-channel PNGs that PIL reads as 8-bit (wrong values), so they are decoded with OpenCV.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +20,19 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _LABEL_MODES = ("P", "L")
 
 
-def _open_png(path: Path) -> Image.Image:
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def _open_png(path: Path, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
     try:
         image = Image.open(path)
     except FileNotFoundError:
         raise SSRError(f"{path}: file not found") from None
     except _READ_ERRORS as exc:
         raise SSRError(f"{path}: not a readable image ({exc})") from None
-    if image.format != "PNG":
+    if image.format not in formats:
         image.close()
-        raise SSRError(f"{path}: expected a PNG file, found {image.format}")
+        raise SSRError(f"{path}: expected a {' or '.join(formats)} file, found {image.format}")
     return image
 
 
@@ -38,16 +45,16 @@ def _load_fully(path: Path, image: Image.Image) -> None:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(W, H) of a PNG, from its header only."""
+    """(W, H) of an image (PNG, JPEG, WebP), from its header only."""
     path = Path(path)
-    with _open_png(path) as image:
+    with _open_png(path, IMAGE_FORMATS) as image:
         return image.size
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """The image as uint8 (H, W, 3)."""
+    """The image (PNG, JPEG, WebP) as uint8 (H, W, 3)."""
     path = Path(path)
-    with _open_png(path) as image:
+    with _open_png(path, IMAGE_FORMATS) as image:
         _load_fully(path, image)
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -66,6 +73,48 @@ def read_label_ids(path: str | os.PathLike) -> np.ndarray:
             )
         _load_fully(path, image)
         return np.array(image, dtype=np.uint8)
+
+
+def read_label_16bit_red(path: str | os.PathLike) -> np.ndarray:
+    """The first (R) channel of a 16-bit multi-channel label PNG (SYNTHIA: class id in R, instance id in G),
+    as uint16 (H, W). An 8-bit file is refused: it is not what SYNTHIA ships, and its values would be wrong."""
+    import cv2  # lazy: only SYNTHIA labels need OpenCV, and importing it costs ~0.1 s
+
+    path = Path(path)
+    with _open_png(path):  # one clear line for missing / non-PNG files before OpenCV sees them
+        pass
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise SSRError(f"{path}: truncated or corrupt PNG (OpenCV cannot decode it)")
+    if array.dtype != np.uint16:
+        raise SSRError(f"{path}: SYNTHIA label is {array.dtype.itemsize * 8}-bit; expected the 16-bit "
+                       "multi-channel PNG of the download (class id in the R channel), or *_labelTrainIds.png")
+    if array.ndim == 2:
+        return array
+    return array[..., 2]  # OpenCV orders channels B, G, R(, A): R, the class id, is index 2
+
+
+def write_label_16bit(path: str | os.PathLike, class_ids: np.ndarray, instance_ids: np.ndarray) -> None:
+    """Write a 16-bit RGB label PNG as SYNTHIA does: class id in R, instance id in G, B zero."""
+    import cv2  # lazy: see read_label_16bit_red
+
+    path = Path(path)
+    bgr = np.zeros((*class_ids.shape, 3), np.uint16)
+    bgr[..., 2], bgr[..., 1] = class_ids, instance_ids
+
+    def save(handle) -> None:
+        ok, data = cv2.imencode(".png", bgr)
+        if not ok:
+            raise OSError(f"OpenCV could not encode {path}")
+        handle.write(data.tobytes())
+
+    write_atomic(path, save)
+
+
+def write_jpeg_atomic(path: str | os.PathLike, array: np.ndarray, quality: int = 95) -> None:
+    """Write uint8 (H, W, 3) as a JPEG (temp file + rename)."""
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+    write_atomic(Path(path), lambda handle: image.save(handle, format="JPEG", quality=quality))
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray, palette: np.ndarray | None = None) -> None:

@@ -26,7 +26,6 @@ def make_deep_check(*, n_views: int = 4, data_root: Path | None = None, sam_chec
 
 def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | None,
                sam_checkpoint: Path | None, seed: int = 0) -> list[str]:
-    from ssr_cache.build.config import DATASET_DOMAIN
     from ssr_cache.build.view_plan import ViewTable, apply_view
     from ssr_cache.data.datasets import open_dataset
     from ssr_cache.sam_encoder import build_sam_encoder
@@ -37,7 +36,8 @@ def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | 
     fp = store.fingerprint
     root = Path(data_root or cfg["data_root"])
     ckpt = sam_checkpoint or cfg.get("sam_checkpoint")
-    ds = open_dataset(cfg["dataset"], root, split=cfg["split"], require_labels=False)
+    ds = open_dataset(cfg["dataset"], root, split=cfg["split"], require_labels=False,
+                      conditions=cfg.get("conditions"))
     if ds.file_list_hash() != fp["file_list_sha256"]:
         raise SSRError(f"dataset at {root} is not the one {store.url} was built from (file list differs)")
     encoder = build_sam_encoder(cfg["sam"], ckpt, seed=cfg["sam_seed"])
@@ -45,7 +45,7 @@ def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | 
         raise SSRError("the encoder for --deep differs from the one the store was built with "
                        "(checkpoint or seed); pass the original --sam-checkpoint")
     plan = ViewTable.from_arrays(store.view_arrays())
-    labelled = DATASET_DOMAIN[cfg["dataset"]] == 0
+    labelled = store.labelled
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(candidates, size=min(n_views, len(candidates)), replace=False).tolist())
     problems = []

@@ -48,6 +48,7 @@ VIEW_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "domain": ("uint8", ()),  # 0 source, 1 target
 }
 DONE = "done"
+IMAGE_CLASS_COUNTS = "image_class_counts"  # (n_samples, num_classes), written at creation (labelled sources)
 RESERVED_ATTRS = (FORMAT_KEY, "state", "ssr_version", "fingerprint", "layout", "levels",
                   "sample_ids", "view_columns", "views_per_shard", "n_views", "feature_dtype")
 
@@ -283,9 +284,11 @@ class FeatureStore:
 
     @classmethod
     def create(cls, url: str | Path, layout: StoreLayout, view_arrays: dict[str, np.ndarray], sample_ids,
-               fingerprint: dict, *, overwrite: bool = False, extra_attrs: dict | None = None) -> FeatureStore:
+               fingerprint: dict, *, overwrite: bool = False, extra_attrs: dict | None = None,
+               image_class_counts: np.ndarray | None = None) -> FeatureStore:
         """Write an empty cache (view table filled, nothing done). Refuses an existing cache unless
-        `overwrite`, and never deletes anything that is not an ssr cache."""
+        `overwrite`, and never deletes anything that is not an ssr cache. `image_class_counts`
+        ((n_samples, num_classes) ints, labelled sources): each image's full-resolution class pixels."""
         url = str(url)
         sample_ids = [str(s) for s in sample_ids]
         columns, view_columns = _check_view_arrays(view_arrays, layout.n_views, len(sample_ids))
@@ -332,6 +335,10 @@ class FeatureStore:
                                     config={"write_empty_chunks": path != DONE})
             if path.startswith("views/"):
                 arr[...] = columns[path.split("/", 1)[1]]
+        if image_class_counts is not None:
+            counts = _checked_counts(image_class_counts, (len(sample_ids), layout.num_classes))
+            root.create_array(IMAGE_CLASS_COUNTS, data=counts, chunks=counts.shape,
+                              dimension_names=("sample", "class"))
         root.update_attributes({"state": "ready"})
         return cls.open(url, mode="r+")
 
@@ -416,6 +423,13 @@ class FeatureStore:
     def class_counts(self) -> np.ndarray:
         """(n_views, num_classes) int: labelled pixels of each class in each stored view crop."""
         return np.asarray(self.array("class_counts")[...])
+
+    def image_class_counts(self) -> np.ndarray | None:
+        """(n_samples, num_classes) int: each source image's class pixels at full resolution, recorded at
+        build time (rare-class sampling's eligibility); None for targets and caches built before it."""
+        if IMAGE_CLASS_COUNTS not in self.group:
+            return None
+        return np.asarray(self.group[IMAGE_CLASS_COUNTS][...])
 
     def array(self, path: str) -> zarr.Array:
         """The zarr array at `path` (e.g. "features/l64"), opened once."""
