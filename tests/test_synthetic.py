@@ -13,7 +13,8 @@ from cityscapesscripts.helpers.labels import id2label
 from PIL import Image, ImageFilter
 
 from ssr_cache.data.datasets import open_dataset
-from ssr_cache.data.synthetic import FORCE_GROUPS, SynthSummary, forced_labels, synthesize
+from ssr_cache.data.synthetic import SynthSummary, synthesize
+from ssr_cache.data.synthetic_layouts import FORCE_GROUPS, forced_labels
 from ssr_cache.errors import SSRError
 
 TRAIN, VAL, SIZE, SEED = 16, 8, (160, 80), 3

@@ -1,14 +1,24 @@
-"""The synthetic two-domain data set: procedurally rendered street scenes written in the real file layouts.
+"""Synthetic domains: procedurally rendered street scenes written in each dataset's real file layout.
 
-    OUT/gta5/images/00000.png, OUT/gta5/labels/00000.png            source train (GTA5 layout, palette labels)
-    OUT/gta5_val/images/…, OUT/gta5_val/labels/…                    source val (same layout, its own root)
-    OUT/cityscapes/leftImg8bit/{train,val}/CITY/CITY_SEQ_FRAME_leftImg8bit.png
-    OUT/cityscapes/gtFine/{train,val}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png   target (Cityscapes layout)
-    OUT/synthetic.json                                               parameters and class pixel fractions
+`layouts` picks what is written (default gta5 + cityscapes, the demo's two domains):
+
+    gta5         OUT/gta5/{images,labels}/00000.png (palette labels), OUT/gta5_val/… (val, its own root)
+    cityscapes   OUT/cityscapes/leftImg8bit/{train,val}/CITY/CITY_SEQ_FRAME_leftImg8bit.png,
+                 OUT/cityscapes/gtFine/{train,val}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png
+    synthia      OUT/synthia/RGB/0000000.png, OUT/synthia/GT/LABELS/0000000.png (16-bit RGB: class id in R,
+                 instance id in G, as SYNTHIA ships them)
+    acdc         OUT/acdc/rgb_anon/{fog,night,rain,snow}/{train,val}/SEQ/SEQ_frame_NNNNNN_rgb_anon.png,
+                 OUT/acdc/gt/COND/SPLIT/SEQ/SEQ_frame_NNNNNN_gt_labelIds.png (+ _gt_labelColor.png, ignored)
+    dark_zurich  OUT/dark_zurich/rgb_anon/train/{day,twilight,night}/SEQ/…_rgb_anon.png (no labels),
+                 OUT/dark_zurich/rgb_anon/val/night/SEQ/…, OUT/dark_zurich/gt/val/night/SEQ/…_gt_labelIds.png
+    folder       OUT/folder_source/ and OUT/folder_target/: images/{train,val}/scene_N/NNNN.jpg (JPEG),
+                 labels/… (PNG of label values) and a 3-class classes.toml (ground, structure, agent)
+    OUT/synthetic.json   parameters and class pixel fractions
 
 Every image has its own random generator seeded from (seed, domain, split, index), so the bytes of every
-file depend on nothing else (not on `workers`, nor on the other images). A schedule forces every train class
-into some images of each split, so all 19 classes occur in every split. See docs/synthetic-data.md.
+file depend on nothing else (not on `workers`, nor on the other images, nor on the other layouts). A
+schedule forces every train class into some images of each split, so all Cityscapes classes occur in every
+split. Layouts and label formats: synthetic_layouts.py; scenes: synthetic_scene.py; docs/synthetic-data.md.
 """
 
 from __future__ import annotations
@@ -23,57 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ssr_cache.atomic_file import write_text_atomic
-from ssr_cache.data.labels import CLASS_NAMES, ID_PALETTE, ID_TO_TRAINID, NUM_CLASSES
-from ssr_cache.data.png_io import write_png_atomic
-from ssr_cache.data.synthetic_scene import (
-    BICYCLE,
-    BUILDING,
-    BUS,
-    CAR,
-    FENCE,
-    MOTORCYCLE,
-    PERSON,
-    POLE,
-    RIDER,
-    ROAD,
-    SIDEWALK,
-    SKY,
-    STYLES,
-    TERRAIN,
-    TRAFFIC_LIGHT,
-    TRAFFIC_SIGN,
-    TRAIN,
-    TRUCK,
-    VEGETATION,
-    WALL,
-    render_scene,
+from ssr_cache.data.label_space import CITYSCAPES
+from ssr_cache.data.labels import ID_TO_TRAINID
+from ssr_cache.data.png_io import write_jpeg_atomic, write_png_atomic
+from ssr_cache.data.synthetic_layouts import (
+    CONDITIONS,
+    LABEL_WRITERS,
+    LAYOUT_JOBS,
+    Job,
+    layout_roots,
+    write_layout_extras,
 )
+from ssr_cache.data.synthetic_scene import STYLES, render_scene
 from ssr_cache.errors import SSRError
+from ssr_cache.progress import progress_bar
 
 MIN_SIZE = 64
 MARKER = "synthetic.json"
-CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster")}
-FRAME = 19  # the annotated frame of each Cityscapes snippet is its 20th, number 000019
-
-# Every train class (by label id) is in one group; each split cycles through the groups so that every class
-# is forced into about one image in ten, and into at least one image of any split.
-FORCE_GROUPS = (
-    frozenset({TRAIN, RIDER, WALL, TERRAIN, ROAD}),
-    frozenset({BUS, MOTORCYCLE, FENCE, TRAFFIC_LIGHT, SKY}),
-    frozenset({TRUCK, BICYCLE, TRAFFIC_SIGN, PERSON, SIDEWALK}),
-    frozenset({CAR, POLE, VEGETATION, BUILDING}),
-)
-
-# (output part, renderer style, domain code, split code): the code goes into each image's seed
-_PARTS = (
-    ("gta5", "gta5", 0, 0),
-    ("gta5_val", "gta5", 0, 1),
-    ("cityscapes/train", "cityscapes", 1, 0),
-    ("cityscapes/val", "cityscapes", 1, 1),
-)
+LAYOUTS = tuple(LAYOUT_JOBS)
+DEFAULT_LAYOUTS = ("gta5", "cityscapes")
 
 
 @dataclass(frozen=True)
@@ -82,10 +62,11 @@ class SynthSummary:
     gta5: Path  # source train root (GTA5 layout)
     gta5_val: Path  # source val root (GTA5 layout)
     cityscapes: Path  # target root (Cityscapes layout, splits train and val)
+    roots: dict[str, Path]  # dataset root of every layout written (gta5, gta5_val, synthia, folder_source, …)
     size: tuple[int, int]  # (W, H)
     seed: int
-    counts: dict[str, int]  # images per part: gta5, gta5_val, cityscapes/train, cityscapes/val
-    class_fractions: dict[str, dict[str, float]]  # part → class name → share of all pixels
+    counts: dict[str, int]  # images per part: gta5, gta5_val, cityscapes/train, cityscapes/val, synthia, …
+    class_fractions: dict[str, dict[str, float]]  # part → Cityscapes class name → share of all pixels
     seconds: float
 
     def __str__(self) -> str:
@@ -94,73 +75,31 @@ class SynthSummary:
         return f"{total} images at {self.size[0]}x{self.size[1]} in {self.seconds:.1f} s ({parts})"
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One image to render and write."""
-
-    style: str
-    seed: tuple[int, int, int, int]
-    force: frozenset[int]
-    size: tuple[int, int]
-    image: Path
-    label: Path
-    palette_label: bool  # GTA5: palette PNG; Cityscapes: greyscale
-
-
-def forced_labels(index: int, count: int) -> frozenset[int]:
-    """Label ids that image `index` of a split of `count` images must show."""
-    groups = min(count, len(FORCE_GROUPS))
-    period = max(groups, count // 10)
-    slot = index % period
-    if slot >= groups:
-        return frozenset()
-    return frozenset().union(*(group for g, group in enumerate(FORCE_GROUPS) if g % groups == slot))
-
-
-def gta5_files(root: Path, index: int) -> tuple[Path, Path]:
-    name = f"{index:05d}.png"
-    return root / "images" / name, root / "labels" / name
-
-
-def cityscapes_stems(split: str, count: int) -> list[tuple[str, str]]:
-    """(city, file stem) of each image of a split: consecutive runs per city, sequence numbers from 0."""
-    cities = CITIES[split]
-    stems, seen = [], dict.fromkeys(cities, 0)
-    for index in range(count):
-        city = cities[index * len(cities) // count]
-        stems.append((city, f"{city}_{seen[city]:06d}_{FRAME:06d}"))
-        seen[city] += 1
-    return stems
-
-
-def _jobs(out: Path, *, train: int, val: int, size: tuple[int, int], seed: int) -> dict[str, list[_Job]]:
-    jobs: dict[str, list[_Job]] = {}
-    for part, style, domain, split_code in _PARTS:
-        count = train if split_code == 0 else val
-        seeds = [(seed, domain, split_code, i) for i in range(count)]
-        if style == "gta5":
-            files = [gta5_files(out / part, i) for i in range(count)]
-        else:
-            split = part.split("/")[1]
-            root = out / "cityscapes"
-            files = [(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
-                      root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
-                     for city, stem in cityscapes_stems(split, count)]
-        jobs[part] = [_Job(style, s, forced_labels(i, count), size, image, label, style == "gta5")
-                      for i, (s, (image, label)) in enumerate(zip(seeds, files, strict=True))]
-    return jobs
-
-
-def _render_and_write(job: _Job) -> np.ndarray:
-    """Render one scene, write its two files; returns the pixel count of each label id (256,)."""
+def _render_and_write(job: Job) -> np.ndarray:
+    """Render one scene, write its files; returns the pixel count of each Cityscapes label id (256,)."""
     rng = np.random.default_rng(job.seed)
     image, labels = render_scene(STYLES[job.style], job.size[0], job.size[1], rng, job.force)
-    write_png_atomic(job.image, image)
-    write_png_atomic(job.label, labels, palette=ID_PALETTE if job.palette_label else None)
+    if job.condition:
+        image = CONDITIONS[job.condition](image, rng)
+    if job.image.suffix.lower() in (".jpg", ".jpeg"):
+        write_jpeg_atomic(job.image, image)
+    else:
+        write_png_atomic(job.image, image)
+    if job.label is not None:
+        LABEL_WRITERS[job.label_format](job.label, labels)
     return np.bincount(labels.ravel(), minlength=256)
 
 
-def _check_args(out: Path, train: int, val: int, size: tuple[int, int], seed: int, workers: int) -> None:
+def check_layouts(layouts) -> tuple[str, ...]:
+    layouts = tuple(dict.fromkeys(layouts))
+    unknown = [name for name in layouts if name not in LAYOUT_JOBS]
+    if unknown or not layouts:
+        raise SSRError(f"unknown layout {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(LAYOUTS)}")
+    return layouts
+
+
+def _check_args(out: Path, train: int, val: int, size: tuple[int, int], seed: int, workers: int,
+                layouts: tuple[str, ...]) -> None:
     if len(size) != 2 or min(size) < MIN_SIZE:
         raise SSRError(f"synthetic image size must be at least {MIN_SIZE}x{MIN_SIZE}, got {'x'.join(map(str, size))}")
     if train < 1:
@@ -174,59 +113,38 @@ def _check_args(out: Path, train: int, val: int, size: tuple[int, int], seed: in
     if out.exists() and not out.is_dir():
         raise SSRError(f"{out} exists and is not a folder")
     if not (out / MARKER).is_file():
-        for part in ("gta5", "gta5_val", "cityscapes"):
-            if (out / part).is_dir() and any((out / part).iterdir()):
-                raise SSRError(f"{out / part} already holds files not written by `ssr data synth`; "
-                               "choose another --out")
+        for root in (r for layout in layouts for r in layout_roots(out, layout).values()):
+            if root.is_dir() and any(root.iterdir()):
+                raise SSRError(f"{root} already holds files not written by `ssr data synth`; choose another --out")
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-_OUR_NAMES = re.compile(r"^(\d{5}\.png|[a-z]+_\d{6}_\d{6}_(leftImg8bit|gtFine_labelIds)\.png)$")
+_OUR_NAMES = re.compile(r"^(\d{5}\.png|\d{7}\.png|\d{4}\.(jpg|JPG|png)|[a-z]+_\d{6}_\d{6}_(leftImg8bit|gtFine_labelIds)"
+                        r"\.png|GOPR\d{4}_frame_\d{6}_(rgb_anon|gt_labelIds|gt_labelColor)\.png)$")
 
 
-def _remove_stale(out: Path, jobs: dict[str, list[_Job]]) -> int:
-    """Delete files a previous, larger run wrote (only names this generator makes, only in its folders)."""
+def _remove_stale(roots, jobs: dict[str, list[Job]]) -> int:
+    """Delete files a previous, larger run wrote (only names this generator makes, only under its roots)."""
     keep = {path for part_jobs in jobs.values() for job in part_jobs for path in (job.image, job.label)}
-    folders = [out / part / sub for part in ("gta5", "gta5_val") for sub in ("images", "labels")]
-    folders += [d for kind in ("leftImg8bit", "gtFine") for d in (out / "cityscapes" / kind).glob("*/*") if d.is_dir()]
+    keep |= {path.with_name(path.name.replace("_gt_labelIds", "_gt_labelColor")) for path in keep if path}
     removed = 0
-    for folder in folders:
-        for path in folder.glob("*.png") if folder.is_dir() else ():
-            if path not in keep and _OUR_NAMES.match(path.name):
+    for root in roots:
+        for path in sorted(root.rglob("*")) if root.is_dir() else ():
+            if path not in keep and path.is_file() and _OUR_NAMES.match(path.name):
                 path.unlink()
                 removed += 1
     return removed
 
 
-def synthesize(
-    out: Path,
-    *,
-    train: int = 200,
-    val: int = 50,
-    size: tuple[int, int] = (512, 256),
-    seed: int = 0,
-    workers: int = 1,
-    progress: bool = True,
-) -> SynthSummary:
-    """Render `train` + `val` street scenes per domain into `out` (size is (W, H)); same seed, same bytes."""
-    out = Path(out)
-    size = (int(size[0]), int(size[1]))
-    _check_args(out, train, val, size, seed, workers)
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    params = {"generator": "ssr data synth", "train": train, "val": val, "size": list(size), "seed": seed}
-    previous_run = (out / MARKER).is_file()
-    _write_json_atomic(out / MARKER, {**params, "complete": False})
-
-    jobs = _jobs(out, train=train, val=val, size=size, seed=seed)
+def _render_all(jobs: dict[str, list[Job]], workers: int, progress: bool) -> dict[str, np.ndarray]:
+    """Render and write every job (in `workers` processes); label-id pixel counts (256,) per part."""
     flat = [(part, job) for part, part_jobs in jobs.items() for job in part_jobs]
     counts = {part: np.zeros(256, dtype=np.int64) for part in jobs}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("rendering synthetic scenes", total=len(flat))
+    with progress_bar("synthetic scenes", unit="img", disable=not progress) as bar:
+        task = bar.add_task("", total=len(flat), info="")
         if workers == 1:
             results = map(_render_and_write, (job for _, job in flat))
             for (part, _), pixels in zip(flat, results, strict=True):
@@ -241,24 +159,57 @@ def synthesize(
                 for (part, _), pixels in zip(flat, results, strict=True):
                     counts[part] += pixels
                     bar.advance(task)
-    if previous_run:
-        _remove_stale(out, jobs)
+    return counts
 
+
+def _class_fractions(counts: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     fractions = {}
     for part, pixels in counts.items():
-        per_class = np.bincount(ID_TO_TRAINID, weights=pixels, minlength=256)[:NUM_CLASSES]
+        per_class = np.bincount(ID_TO_TRAINID, weights=pixels, minlength=256)[: CITYSCAPES.num_classes]
         total = max(int(pixels.sum()), 1)
-        fractions[part] = {name: round(float(n) / total, 6) for name, n in zip(CLASS_NAMES, per_class, strict=True)}
+        fractions[part] = {name: round(float(n) / total, 6)
+                           for name, n in zip(CITYSCAPES.class_names, per_class, strict=True)}
+    return fractions
+
+
+def synthesize(
+    out: Path,
+    *,
+    train: int = 200,
+    val: int = 50,
+    size: tuple[int, int] = (512, 256),
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    layouts: tuple[str, ...] = DEFAULT_LAYOUTS,
+) -> SynthSummary:
+    """Render `train` + `val` street scenes per domain into `out` (size is (W, H)) in each of `layouts`;
+    same seed, same bytes."""
+    out = Path(out)
+    size = (int(size[0]), int(size[1]))
+    layouts = check_layouts(layouts)
+    _check_args(out, train, val, size, seed, workers, layouts)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"generator": "ssr data synth", "train": train, "val": val, "size": list(size), "seed": seed,
+              "layouts": list(layouts)}
+    previous_run = (out / MARKER).is_file()
+    _write_json_atomic(out / MARKER, {**params, "complete": False})
+
+    jobs = {part: part_jobs for layout in layouts
+            for part, part_jobs in LAYOUT_JOBS[layout](out, {"train": train, "val": val}, size, seed).items()}
+    for layout in layouts:
+        write_layout_extras(out, layout)
+    counts = _render_all(jobs, workers, progress)
+    roots = {name: root for layout in layouts for name, root in layout_roots(out, layout).items()}
+    if previous_run:
+        _remove_stale(roots.values(), jobs)
+    fractions = _class_fractions(counts)
     summary = SynthSummary(
-        out=out,
-        gta5=out / "gta5",
-        gta5_val=out / "gta5_val",
-        cityscapes=out / "cityscapes",
-        size=size,
-        seed=seed,
-        counts={part: len(part_jobs) for part, part_jobs in jobs.items()},
-        class_fractions=fractions,
-        seconds=time.perf_counter() - started,
+        out=out, gta5=out / "gta5", gta5_val=out / "gta5_val", cityscapes=out / "cityscapes",
+        roots=roots,
+        size=size, seed=seed, counts={part: len(part_jobs) for part, part_jobs in jobs.items()},
+        class_fractions=fractions, seconds=time.perf_counter() - started,
     )
     _write_json_atomic(out / MARKER, {**params, "complete": True, "counts": summary.counts,
                                       "class_fractions": fractions})
