@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -108,16 +109,25 @@ def _b(n: float) -> str:
 
 
 @cache_app.command("info")
-def info(path: str = typer.Argument(..., help="Store path or URL.")) -> None:
-    """Fingerprint, counts, size on disk and compression ratio per array."""
+def info(
+    path: str = typer.Argument(..., help="Store path or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store's facts as one JSON object."),
+) -> None:
+    """Dataset, labelled, label space, views, encoder, size on disk and compression ratio per array."""
     from ssr_cache.store.inspect import store_info
 
     data = store_info(path)
-    fp = data["fingerprint"]
-    enc = fp.get("encoder", {})
-    console.print(f"[bold]{path}[/]: {data['n_views']} views ({data['done_views']} done), dataset "
-                  f"{fp.get('dataset')}/{fp.get('split')}, encoder {enc.get('name')} "
-                  f"{'[yellow](random init)[/]' if enc.get('random_init') else ''}")
+    if as_json:
+        print(json.dumps(data))
+        return
+    enc = data["encoder"]
+    space = data["label_space"]
+    role = "labelled source" if data["labelled"] else "unlabelled target"
+    console.print(f"[bold]{path}[/]: {data['n_views']} views ({data['done_views']} done) of "
+                  f"{data['n_images']} images, {data['dataset']}/{data['split']} ({role}), encoder {enc['name']} "
+                  f"{'[yellow](random init)[/]' if enc['random_init'] else ''}")
+    console.print(f"label space {space['name']}: {len(space['class_names'])} classes; crop "
+                  f"{data['crop'][1]}x{data['crop'][0]}, resize {data['resize'][0]}x{data['resize'][1]}")
     table = Table()
     for col in ("array", "shape", "dtype", "chunks", "shards", "stored", "raw", "ratio"):
         table.add_column(col, justify="left" if col in ("array", "dtype") else "right")

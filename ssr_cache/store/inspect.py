@@ -43,8 +43,12 @@ def store_info(url: str) -> dict:
     total = sum(a["stored_bytes"] for a in arrays)
     total_all = int(sync(store.group.store.getsize_prefix(""))) if keys else total
     raw_total = sum(a["raw_bytes"] for a in arrays)
+    enc = store.fingerprint.get("encoder", {})
     return {
         "url": store.url,
+        **store_facts(store),
+        "encoder": {"name": enc.get("name"), "checkpoint_sha256": enc.get("checkpoint_sha256"),
+                    "random_init": bool(enc.get("random_init")), "init_seed": enc.get("init_seed")},
         "format_version": store.attrs.get("ssr_cache_format"),
         "ssr_version": store.attrs.get("ssr_version"),
         "fingerprint": store.fingerprint,
@@ -61,6 +65,21 @@ def store_info(url: str) -> dict:
         "total_stored_bytes": total_all,
         "total_raw_bytes": raw_total,
         "ratio": total / raw_total if raw_total else 0.0,
+    }
+
+
+def store_facts(store: FeatureStore) -> dict:
+    """What a cache is of, from the typed accessors: dataset, split, labelled, label space, crop, resize."""
+    build = store.attrs.get("build_config") or {}
+    return {
+        "dataset": store.dataset,
+        "split": store.split,
+        "conditions": build.get("conditions"),
+        "labelled": store.labelled,
+        "label_space": store.label_space.to_dict(),
+        "n_images": len(store.sample_ids),
+        "crop": list(store.layout.crop_hw),
+        "resize": list(store.resize),
     }
 
 
