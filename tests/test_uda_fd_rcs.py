@@ -114,27 +114,41 @@ def test_rcs_class_probs_by_hand():
     assert probs[1] > probs[2] > probs[0]  # rarer classes are drawn more often
 
 
-def test_rcs_draws_follow_class_probs():
-    sampler = RareClassSampler(_counts(), temperature=0.1, min_pixels=3000)
-    assert [v.tolist() for v in sampler.views_with_class[:4]] == [[0], [1], [2], []]
+def _views():
+    """Two views per image of _counts(): (view counts (8, 19), view → image (8,))."""
+    views = np.zeros((8, 19), dtype=np.int64)
+    views[0, 0], views[1, 0] = 2000, 1000  # image 0: only view 0 holds > 1500 px of class 0
+    views[2, 1], views[3, 1] = 1500, 1400  # image 1: no view holds > 1500 px of class 1 → either view
+    views[4, 2], views[5, 2] = 100, 1600  # image 2: only view 5 holds > 1500 px of class 2
+    views[6, 0], views[7, 3] = 900, 100
+    return views, np.repeat(np.arange(4), 2)
+
+
+def test_rcs_class_eligibility_is_per_image_then_a_view_of_that_image():
+    views, view_image = _views()
+    sampler = RareClassSampler(_counts(), views, view_image, temperature=0.1, min_pixels=3000, min_crop_pixels=1500)
+    assert [v.tolist() for v in sampler.images_with_class[:4]] == [[0], [1], [2], []]
     rng = np.random.default_rng(0)
     n = 20000
-    views = sampler.draw(rng, n)
-    assert views.dtype == np.int64 and views.shape == (n,)
-    observed = np.bincount(views, minlength=4)
-    assert observed[3] == 0  # the view only holding class 3 is never drawn
-    expected = n * sampler.class_probs[:3]  # view i is the only eligible view of class i
-    chi2 = (((observed[:3] - expected) ** 2) / expected).sum()
+    drawn = sampler.draw(rng, n)
+    assert drawn.dtype == np.int64 and drawn.shape == (n,)
+    observed = np.bincount(drawn, minlength=8)
+    assert observed[[1, 4, 6, 7]].sum() == 0  # views without the class when a sibling has it; image 3
+    per_class = np.array([observed[0], observed[2] + observed[3], observed[5]])
+    expected = n * sampler.class_probs[:3]
+    chi2 = (((per_class - expected) ** 2) / expected).sum()
     assert chi2 < 13.8  # chi-square, 2 dof, p = 0.001
-    again = sampler.draw(np.random.default_rng(0), n)
-    assert np.array_equal(views, again)
+    assert abs(observed[2] - observed[3]) < 4 * np.sqrt(per_class[1])  # no eligible view: uniform over both
+    assert np.array_equal(drawn, sampler.draw(np.random.default_rng(0), n))
 
 
-def test_rcs_default_temperature_and_errors():
-    probs = RareClassSampler(_counts()).class_probs  # T = 0.01
-    assert math.isclose(probs.sum(), 1.0) and probs.argmax() == 1
-    with pytest.raises(ValueError):
-        RareClassSampler(np.full((2, 19), 10), min_pixels=3000)
+def test_rcs_errors():
+    views, view_image = _views()
+    with pytest.raises(ValueError, match="no image has more than 3000 pixels"):
+        RareClassSampler(np.full((4, 19), 10), views, view_image, temperature=0.01, min_pixels=3000,
+                         min_crop_pixels=1500)
+    with pytest.raises(ValueError, match="do not match"):
+        RareClassSampler(_counts(), views[:5], view_image, temperature=0.01, min_pixels=3000, min_crop_pixels=1500)
 
 
 def test_min_pixels_scale_with_crop_area():

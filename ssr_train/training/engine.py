@@ -132,13 +132,9 @@ class Trainer:
         u = self.cfg.uda
         if name != "source" or self.cfg.run.method == "source-only" or not u.rcs_temperature:
             return None
-        from ssr_train.uda.rare_class_sampling import RareClassSampler, min_pixels_for_crop
+        from ssr_train.uda.rare_class_sampling import RareClassSampler
 
-        counts = store.array("class_counts")[:]
-        crop = tuple(store.layout.crop_hw)
-        sampler = RareClassSampler(counts, temperature=u.rcs_temperature,
-                                   min_pixels=min_pixels_for_crop(u.rcs_min_pixels, crop))
-        return sampler.draw
+        return RareClassSampler.from_store(store, temperature=u.rcs_temperature, min_pixels=u.rcs_min_pixels).draw
 
     def _build(self):
         from ssr_train.methods import METHODS
