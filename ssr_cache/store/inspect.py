@@ -71,15 +71,16 @@ def store_info(url: str) -> dict:
 def store_facts(store: FeatureStore) -> dict:
     """What a cache is of, from the typed accessors: dataset, split, labelled, label space, crop, resize."""
     build = store.attrs.get("build_config") or {}
+    fp = store.fingerprint  # read leniently: info also describes hand-made and partial stores
     return {
-        "dataset": store.dataset,
-        "split": store.split,
+        "dataset": fp.get("dataset"),
+        "split": fp.get("split"),
         "conditions": build.get("conditions"),
         "labelled": store.labelled,
         "label_space": store.label_space.to_dict(),
         "n_images": len(store.sample_ids),
         "crop": list(store.layout.crop_hw),
-        "resize": list(store.resize),
+        "resize": list(store.resize) if "resize" in fp.get("plan", {}) else None,
     }
 
 
