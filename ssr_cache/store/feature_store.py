@@ -73,7 +73,7 @@ class StoreLayout:
     interm: tuple[tuple[int, int], ...] = ()
     feature_dtype: str = "float16"
     views_per_shard: int = 64
-    num_classes: int = 19
+    num_classes: int = CITYSCAPES.num_classes  # the build passes its label space's
     neck_grid: int | None = None  # grid of the encoder's neck map and interm blocks; None: max(levels)
 
     def __post_init__(self) -> None:
