@@ -122,21 +122,30 @@ def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, pro
 
 def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_preds, write: bool = False):
     from ssr_cache.data.datasets import open_dataset
-    from ssr_train.infer.evaluation import evaluate, load_run_model, write_eval_json
+    from ssr_train.infer.eval_results import eval_folder, write_eval
+    from ssr_train.infer.evaluate import evaluate
+    from ssr_train.infer.predictor import Predictor
+    from ssr_train.infer.run_model import load_run_model
 
-    model, _ = load_run_model(run_dir)
-    ds = open_dataset(dataset, root, split="val" if dataset == "cityscapes" else "all", require_labels=True)
-    result = evaluate(model, ds, resize=cfg.size, workers=0, progress=False, save_preds=save_preds)
+    loaded = load_run_model(run_dir)
+    predictor = Predictor.from_run_model(loaded, resize=cfg.size, device="cpu")
+    split = "val" if dataset == "cityscapes" else "all"
+    ds = open_dataset(dataset, root, split=split, require_labels=True)
+    result = evaluate(predictor, ds, workers=0, progress=False, save_preds=save_preds)
     if write:
-        write_eval_json(run_dir, result, extra={"dataset": dataset, "split": "val"})
+        write_eval(eval_folder(run_dir), result, {"dataset": dataset, "split": split, "data_root": str(root),
+                                                  "model": loaded.info, "label_space": loaded.label_space.to_dict()})
     return result.miou
 
 
 def _plots(out: Path, rows) -> None:
-    from ssr_train.infer.eval_plots import compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
+    from ssr_train.infer.eval_results import EVAL_DIR, compare, read_eval
+    from ssr_train.infer.plots import plot_class_iou, plot_iou_delta
 
+    target = "cityscapes-val.json"
     for name, run_dir, _ in rows:
-        ev = read_eval_json(run_dir / "eval.json")
-        plot_class_iou(ev["per_class"], out / f"iou_{name}.png", title=f"{name}: target val", miou=ev["miou"])
-    (a, run_a, _), (b, run_b, _) = rows[0], rows[-1]
-    plot_iou_delta(compare_runs(run_a, run_b), out / "compare.png", label_a=a, label_b=b)
+        ev = read_eval(run_dir / EVAL_DIR / target)
+        plot_class_iou(ev["per_class"], out / f"iou_{name}.png", palette=ev["label_space"]["palette"],
+                       title=f"{name}: target val", miou=ev["miou"])
+    columns = compare([rows[0][1] / EVAL_DIR / target, rows[-1][1] / EVAL_DIR / target], [rows[0][0], rows[-1][0]])
+    plot_iou_delta(columns, out / "compare.png")

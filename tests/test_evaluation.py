@@ -15,23 +15,20 @@ from layout_fixtures import CITYSCAPES_IDS, HEIGHT, WIDTH, cityscapes_paths, mak
 from PIL import Image
 from test_metrics import cityscapes_args
 
+from ssr_cache.build.view_plan import View, apply_view
 from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.label_space import CITYSCAPES
 from ssr_cache.data.labels import CLASS_NAMES, TRAINID_TO_ID
 from ssr_cache.errors import SSRError
-from ssr_train.infer.eval_plots import MIOU_ROW, compare_runs, plot_class_iou, plot_iou_delta, read_eval_json
-from ssr_train.infer.evaluation import (
-    EvalResult,
-    evaluate,
-    load_run_model,
-    normalize_on_device,
-    predict_scores,
-    resize_like_training,
-    slide_windows,
-    write_eval_json,
-)
+from ssr_train.infer.eval_results import compare, read_eval, write_eval
+from ssr_train.infer.evaluate import EvalResult, evaluate
 from ssr_train.infer.metrics import Confusion
+from ssr_train.infer.plots import plot_class_iou, plot_iou_delta
+from ssr_train.infer.predictor import predict_scores, slide_windows
+from ssr_train.infer.preprocess import prepare, resize_images, training_size
+from ssr_train.infer.run_model import load_run_model
 from ssr_train.models.backbones import create_backbone
-from ssr_train.models.segmentor import build_plain_segmentor, build_segmentor
+from ssr_train.models.segmentor import build_segmentor, build_shadow_segmentor
 from ssr_train.training.config import TrainConfig, save_config
 
 RESIZE = (64, 32)  # a 32x24 fixture image becomes 43x32
@@ -40,7 +37,7 @@ RESIZE = (64, 32)  # a 32x24 fixture image becomes 43x32
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_plain_segmentor(create_backbone("mit_b0")).eval()
+    return build_shadow_segmentor(create_backbone("mit_b0")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +114,18 @@ def test_flip_tta_on_a_mirror_symmetric_image_is_symmetric(model):
     assert not torch.allclose(plain, plain.flip(3), atol=1e-4)  # the model itself is not symmetric
 
 
-def test_resize_like_training_keeps_ratio():
-    image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-    assert resize_like_training(image, RESIZE).shape == (32, 43, 3)  # factor min(64/32, 32/24) = 4/3
-    assert resize_like_training(image, (1024, 512)).shape == (512, 683, 3)
-    assert resize_like_training(image, None) is image
-    assert resize_like_training(image, (WIDTH, HEIGHT)) is image
+def test_resize_like_training_keeps_ratio_and_samples_as_the_cache_views():
+    assert training_size(HEIGHT, WIDTH, RESIZE) == (32, 43)  # factor min(64/32, 32/24) = 4/3
+    assert training_size(HEIGHT, WIDTH, (1024, 512)) == (512, 683)
+    image = torch.randint(0, 256, (1, 3, 96, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(resize_images(image, None), image.float())
+    assert torch.equal(resize_images(image, (160, 96)), image.float())
+    ours = resize_images(image, (128, 64))  # 160x96 -> 107x64
+    assert ours.shape == (1, 3, 64, 107)
+    # The cache's views: the same bilinear half-pixel sampling (numpy, float64), rounded to uint8.
+    view = View(sample_index=0, scale=64 / 96, resized_hw=(64, 107), box=(0, 0, 64, 107), flip=False)
+    theirs = torch.from_numpy(apply_view(image[0].permute(1, 2, 0).numpy(), None, view)[0]).permute(2, 0, 1)
+    assert (ours[0] - theirs.float()).abs().max() <= 0.5 + 1e-3  # only the rounding differs
 
 
 # --------------------------------------------------------------------------- evaluate()
@@ -133,7 +136,7 @@ def by_hand(model, dataset) -> np.ndarray:
     with torch.inference_mode():
         for i in range(len(dataset)):
             image, label = dataset.load(i)
-            img = normalize_on_device(torch.from_numpy(resize_like_training(image, RESIZE)), torch.device("cpu"))
+            img = prepare(torch.from_numpy(image).permute(2, 0, 1)[None], RESIZE)
             conf.update(predict_scores(model, img, out_size=label.shape).argmax(1)[0], label)
     return conf.matrix
 
@@ -148,7 +151,7 @@ def test_evaluate_scores_every_image_at_label_resolution_and_saves_predictions(s
     assert result.n_images == 4
     assert result.confusion.sum() == 4 * (WIDTH * HEIGHT - 1)  # one unlabeled pixel per image
     assert np.array_equal(result.confusion, by_hand(street_model, dataset))
-    assert result.settings == {"mode": "whole", "resize": [64, 32], "flip": False}
+    assert result.settings == {"mode": "whole", "resize": [64, 32], "flip": False, "precision": "fp32"}
     assert result.scores["iou"][0] > 10 and result.scores["iou"][13] > 10  # road, car
 
     valid_ids = set(TRAINID_TO_ID[:19].tolist())
@@ -159,10 +162,11 @@ def test_evaluate_scores_every_image_at_label_resolution_and_saves_predictions(s
             ids = np.array(label_ids)
         assert set(np.unique(ids).tolist()) <= valid_ids
         with Image.open(preds / "color" / f"{name}.png") as color:
-            assert color.mode == "P" and color.getpalette()[3 * 26 : 3 * 27] == [0, 0, 142]  # car colour
-            assert np.array_equal(np.array(color), ids)
+            # index = train id, palette = the label space's colours (car: train id 13)
+            assert color.mode == "P" and color.getpalette()[3 * 13 : 3 * 14] == [0, 0, 142]
+            assert np.array_equal(TRAINID_TO_ID[np.array(color)], ids)
         with Image.open(preds / "overlay" / f"{name}.jpg") as overlay:
-            assert overlay.format == "JPEG" and overlay.size == (3 * WIDTH, HEIGHT)
+            assert overlay.format == "JPEG" and overlay.size == (3 * WIDTH, HEIGHT)  # blend | pred | truth
     assert not list(preds.rglob("*.tmp"))
 
     # cityscapesscripts finds each saved file from its ground truth and scores it as we do.
@@ -181,14 +185,14 @@ def test_slide_flip_with_workers_matches_in_process_run(model, cityscapes):
     background = evaluate(model, dataset, workers=2, progress=True, **kwargs)
     in_process = evaluate(model, dataset, workers=0, progress=False, **kwargs)
     assert np.array_equal(background.confusion, in_process.confusion)
-    assert background.settings == {"mode": "slide", "resize": [64, 32], "flip": True, "crop": [32, 32],
-                                   "stride": [21, 21]}
+    assert background.settings == {"mode": "slide", "resize": [64, 32], "flip": True, "precision": "fp32",
+                                   "crop": [32, 32], "stride": [21, 21]}
 
 
 def test_evaluate_refuses_unlabelled_data_and_unknown_modes(model, tmp_path):
     make_cityscapes(tmp_path, labels=False)
     unlabelled = open_dataset("cityscapes", tmp_path, split="val", require_labels=False)
-    with pytest.raises(SSRError, match="has no label"):
+    with pytest.raises(SSRError, match="has no labels to evaluate against; give --save-preds"):
         evaluate(model, unlabelled, workers=0, progress=False)
     make_cityscapes(tmp_path)
     with pytest.raises(SSRError, match="unknown inference mode 'tiles'"):
@@ -204,40 +208,52 @@ def crafted_result() -> EvalResult:
     return EvalResult(conf.matrix.copy(), conf.scores(), n_images=1, settings={"mode": "whole", "flip": False})
 
 
-def test_write_eval_json_keys_values_and_confusion(tmp_path):
-    path = write_eval_json(tmp_path / "run", crafted_result(), {"iteration": 40000})
+def context(**model) -> dict:
+    return {"dataset": "cityscapes", "split": "val", "label_space": CITYSCAPES.to_dict(), "model": model}
+
+
+def test_write_eval_keys_values_confusion_and_history(tmp_path):
+    path = write_eval(tmp_path / "run" / "eval", crafted_result(), context(iteration=40000))
     data = json.loads(path.read_text())
-    assert path.name == "eval.json"
+    assert path.name == "cityscapes-val.json"
     assert data["miou"] == pytest.approx(50.0)  # road 1/2, sidewalk 1/2; car predicted on ignore: n/a
     assert data["per_class"]["road"] == pytest.approx(50.0) and data["per_class"]["car"] is None
     assert list(data["per_class"]) == list(CLASS_NAMES)
     assert data["macc"] == pytest.approx(75.0) and data["aacc"] == pytest.approx(200 / 3)
-    assert (data["n_images"], data["n_pixels"], data["mode"], data["iteration"]) == (1, 3, "whole", 40000)
-    assert np.array_equal(np.load(tmp_path / "run" / "confusion.npy"), crafted_result().confusion)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["confusion.npy", "eval.json"]
+    assert (data["n_images"], data["n_pixels"], data["mode"], data["model"]["iteration"]) == (1, 3, "whole", 40000)
+    assert "miou16" not in data  # not a SYNTHIA-trained model
+    assert np.array_equal(np.load(tmp_path / "run" / "eval" / "cityscapes-val.npy"), crafted_result().confusion)
+    # another setting is another file: nothing is overwritten
+    slide = EvalResult(crafted_result().confusion, crafted_result().scores, 1, {"mode": "slide", "flip": True})
+    write_eval(tmp_path / "run" / "eval", slide, context())
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == [
+        "cityscapes-val-slide-flip.json", "cityscapes-val-slide-flip.npy", "cityscapes-val-slide-flip.png",
+        "cityscapes-val.json", "cityscapes-val.npy", "cityscapes-val.png"]
 
 
-def test_class_iou_chart_and_run_comparison(tmp_path):
-    a = json.loads(write_eval_json(tmp_path / "a", crafted_result()).read_text())
-    b = dict(a, miou=60.0, per_class=dict(a["per_class"], road=70.0))
+def test_synthia_trained_models_report_miou16_and_miou13(tmp_path):
+    data = json.loads(write_eval(tmp_path, crafted_result(), context(source_dataset="synthia")).read_text())
+    # road 50, sidewalk 50, car n/a; the other classes of each subset are predicted nowhere and absent: n/a
+    assert data["miou16"] == pytest.approx(50.0) and data["miou13"] == pytest.approx(50.0)
+
+
+def test_class_iou_chart_and_comparison(tmp_path):
+    a = read_eval(write_eval(tmp_path / "a" / "eval", crafted_result(), context(seed=0)))
     chart = plot_class_iou(a["per_class"], tmp_path / "iou.png", miou=a["miou"], size=(900, 400))
     with Image.open(chart) as png:
         assert png.format == "PNG" and png.size == (900, 400)
-
-    rows = compare_runs(tmp_path / "a", b)
-    assert [r.name for r in rows] == [*CLASS_NAMES, MIOU_ROW]
-    assert (rows[0].a, rows[0].b, rows[0].delta) == (pytest.approx(50.0), 70.0, pytest.approx(20.0))
-    assert rows[1].delta == 0.0 and rows[13].delta is None
-    assert rows[-1].delta == pytest.approx(10.0)
-    delta = plot_iou_delta(rows, tmp_path / "delta.png", label_a="source-only", label_b="ssr")
+    b = dict(a, miou=60.0, per_class=dict(a["per_class"], road=70.0), model={"seed": 0, "method": "daformer"})
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    columns = compare([tmp_path / "a", tmp_path / "b.json"])
+    assert len(columns) == 2 and columns[1].per_class["road"] == 70.0 and columns[0].per_class["road"] == 50.0
+    delta = plot_iou_delta(columns, tmp_path / "delta.png")
     with Image.open(delta) as png:
         assert png.size == (1200, 500)
-
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(SSRError, match="not an evaluation result"):
-        read_eval_json(tmp_path / "junk.json")
+        read_eval(tmp_path / "junk.json")
     with pytest.raises(SSRError, match="does not exist"):
-        compare_runs(tmp_path / "a", tmp_path / "nowhere")
+        compare([tmp_path / "a", tmp_path / "nowhere.json"])
 
 
 # --------------------------------------------------------------------------- load_run_model
@@ -257,9 +273,12 @@ def trained(tmp_path_factory):
 
 def test_load_run_model_builds_the_plain_model(trained, tmp_path):
     run, cfg, ssr_model = trained
-    model, loaded_cfg = load_run_model(run)
+    loaded = load_run_model(run)
+    model, loaded_cfg = loaded.model, loaded.config
     assert loaded_cfg == cfg and model.regularizer is None and not model.training
-    exported = ssr_model.export_state_dict()
+    assert loaded.label_space == CITYSCAPES and loaded.info["iteration"] == 7
+    assert loaded.info["backbone_init"] == "random" and loaded.info["sam_random_init"] is True
+    exported = ssr_model.shadow_state_dict()
     assert set(model.state_dict()) == set(exported)
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
     img = random_image(32, 32, seed=4)
@@ -269,7 +288,8 @@ def test_load_run_model_builds_the_plain_model(trained, tmp_path):
     # A bare exported state dict takes its config from config.toml beside it.
     (tmp_path / "config.toml").write_bytes((run / "config.toml").read_bytes())
     torch.save(exported, tmp_path / "bare.pth")
-    bare, bare_cfg = load_run_model(tmp_path / "bare.pth")
+    bare_loaded = load_run_model(tmp_path / "bare.pth")
+    bare, bare_cfg = bare_loaded.model, bare_loaded.config
     assert bare_cfg == cfg
     assert all(torch.equal(v, exported[k]) for k, v in bare.state_dict().items())
 
@@ -281,20 +301,28 @@ def test_load_run_model_refuses_garbage_clearly(trained, tmp_path):
     with pytest.raises(SSRError, match="does not exist"):
         load_run_model(tmp_path / "missing")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(SSRError, match="cannot read .*text.pth"):
+    with pytest.raises(SSRError, match="cannot read .*text.pth as a model file"):
         load_run_model(tmp_path / "text.pth")
     torch.save({"method": {}, "optimizer": {}}, tmp_path / "latest.pth")
-    with pytest.raises(SSRError, match="full training checkpoint"):
+    with pytest.raises(SSRError, match="not a model file"):
         load_run_model(tmp_path / "latest.pth")
     torch.save({"weights": [1, 2]}, tmp_path / "odd.pth")
-    with pytest.raises(SSRError, match="not an exported model"):
+    with pytest.raises(SSRError, match="not a model file"):
         load_run_model(tmp_path / "odd.pth")
-    torch.save(ssr_model.export_state_dict(), tmp_path / "lonely.pth")
+    torch.save(ssr_model.shadow_state_dict(), tmp_path / "lonely.pth")
     with pytest.raises(SSRError, match="carries no config"):
         load_run_model(tmp_path / "lonely.pth")
     other = tmp_path / "other"
     other.mkdir()
     b1 = cfg.replace("model", backbone="mit_b1")
-    torch.save({"state_dict": ssr_model.export_state_dict(), "config": b1.to_dict()}, other / "model.pth")
+    torch.save({"state_dict": ssr_model.shadow_state_dict(), "config": b1.to_dict()}, other / "model.pth")
     with pytest.raises(SSRError, match="does not fit a mit_b1 segmentor .*wrong shape"):
         load_run_model(other)
+    nan = ssr_model.shadow_state_dict()
+    nan["head.classifier.bias"][3] = float("nan")
+    torch.save({"state_dict": nan, "config": cfg.to_dict()}, tmp_path / "nan.pth")
+    with pytest.raises(SSRError, match="non-finite values .* head.classifier.bias"):
+        load_run_model(tmp_path / "nan.pth")
+    (tmp_path / "cut.pth").write_bytes((run / "model.pth").read_bytes()[:5000])
+    with pytest.raises(SSRError, match="cannot read .*cut.pth as a model file"):
+        load_run_model(tmp_path / "cut.pth")

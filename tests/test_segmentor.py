@@ -11,9 +11,8 @@ from torch import nn
 from ssr_train.models.daformer_head import DAFormerHead
 from ssr_train.models.segmentor import (
     SSRSegmentor,
-    build_plain_segmentor,
     build_segmentor,
-    load_exported,
+    build_shadow_segmentor,
     segmentation_loss,
     ssr_loss,
 )
@@ -110,20 +109,22 @@ def test_ssr_on_and_off_share_initial_weights():
     assert all(torch.equal(off_state[k], on_state[k]) for k in off_state)
 
 
-def test_export_is_exactly_the_plain_model(batch):
+def test_shadow_state_dict_is_exactly_the_shadow_branch(batch):
     img, sam, label = batch
     model = make(ssr_stages=(0, 3))
     # one training step so the weights and BN statistics differ from init
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ssr_loss(model.forward_train(img, sam), label)["total"].backward()
     opt.step()
-    exported = model.export_state_dict()
+    exported = model.shadow_state_dict()
     torch.manual_seed(123)
-    plain = build_plain_segmentor(MitB0())
+    plain = build_shadow_segmentor(MitB0())
     assert set(exported) == set(plain.state_dict())
     assert not any(k.startswith("regularizer.") for k in exported)
     assert any(k.startswith("backbone.") for k in exported) and any(k.startswith("head.") for k in exported)
-    loaded = load_exported(MitB0(), exported).eval()
+    loaded = build_shadow_segmentor(MitB0())
+    loaded.load_state_dict(exported, strict=True)
+    loaded.eval()
     assert loaded.regularizer is None
     model.eval()
     with torch.no_grad():
@@ -136,10 +137,10 @@ def test_export_is_exactly_the_plain_model(batch):
     assert torch.equal(exported["head.classifier.bias"], before)
 
 
-def test_load_exported_is_strict():
-    exported = make().state_dict()  # still has regularizer.* keys
+def test_shadow_segmentor_load_is_strict():
+    full = make().state_dict()  # still has regularizer.* keys
     with pytest.raises(RuntimeError, match="regularizer"):
-        load_exported(MitB0(), exported)
+        build_shadow_segmentor(MitB0()).load_state_dict(full, strict=True)
 
 
 def test_segmentor_accepts_explicit_components():

@@ -17,7 +17,7 @@ from cache_helpers import run_ssr
 from train_helpers import build_tiny_caches, read_metrics, tiny_train_args
 
 from ssr_cache.errors import SSRError
-from ssr_train.infer.evaluation import load_run_model
+from ssr_train.infer.run_model import load_run_model
 from ssr_train.models.model_factory import build_model
 from ssr_train.training.checkpoint import load_checkpoint
 from ssr_train.training.config import TrainConfig
@@ -65,7 +65,7 @@ def test_export_is_exactly_the_shadow_branch(caches, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_cfg(src, run, iters=3)
     Trainer(cfg, progress=False).train()
-    model, _ = load_run_model(run)
+    model = load_run_model(run).model
     exported = torch.load(run / "model.pth", weights_only=True)["state_dict"]
     assert not any(k.startswith("regularizer.") for k in exported)
     assert set(exported) == set(model.state_dict())

@@ -13,15 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NUM_CLASSES = 19
-IGNORE_INDEX = 255
+from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
 
 
 def confusion_matrix(
     pred: np.ndarray | torch.Tensor,
     gt: np.ndarray | torch.Tensor,
-    num_classes: int = NUM_CLASSES,
-    ignore_index: int = IGNORE_INDEX,
+    num_classes: int = CITYSCAPES.num_classes,
+    ignore_index: int = CITYSCAPES.ignore_index,
 ) -> np.ndarray:
     """int64 (num_classes, num_classes): entry [g, p] counts pixels with ground truth g predicted as p.
 
@@ -52,20 +51,13 @@ def confusion_matrix(
 class Confusion:
     """A running confusion matrix: ``update(pred, gt)`` per image, ``scores()`` at the end."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> None:
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    def __init__(self, label_space: LabelSpace = CITYSCAPES) -> None:
+        self.num_classes = label_space.num_classes
+        self.ignore_index = label_space.ignore_index
+        self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> None:
         self.matrix += confusion_matrix(pred, gt, self.num_classes, self.ignore_index)
-
-    def add(self, matrix: np.ndarray) -> None:
-        """Add a matrix counted elsewhere (another process, a saved ``confusion.npy``)."""
-        matrix = np.asarray(matrix)
-        if matrix.shape != self.matrix.shape:
-            raise ValueError(f"confusion matrix shape {matrix.shape} differs from {self.matrix.shape}")
-        self.matrix += matrix.astype(np.int64)
 
     def scores(self) -> dict:
         return scores(self.matrix)
@@ -105,3 +97,21 @@ def scores(conf: np.ndarray) -> dict:
         "aacc": 100.0 * float(tp.sum()) / total if total else None,
         "n_pixels": total,
     }
+
+
+# SYNTHIA → Cityscapes is scored on SYNTHIA's 16 classes and on 13 of them (without wall, fence and pole),
+# as DAFormer/MIC/SSR report it (mIoU16 / mIoU13).
+SYNTHIA_16 = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+              "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle")
+SYNTHIA_13 = tuple(name for name in SYNTHIA_16 if name not in ("wall", "fence", "pole"))
+SUBSETS = {"miou16": SYNTHIA_16, "miou13": SYNTHIA_13}
+
+
+def subset_mious(iou: list[float | None], class_names: tuple[str, ...] | list[str]) -> dict[str, float | None]:
+    """mIoU over each SYNTHIA subset (classes with an IoU only); {} when a subset's classes are not all present."""
+    by_name = dict(zip(class_names, iou, strict=True))
+    out = {}
+    for key, names in SUBSETS.items():
+        if all(n in by_name for n in names):
+            out[key] = _mean([by_name[n] for n in names])
+    return out

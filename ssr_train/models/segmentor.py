@@ -1,8 +1,8 @@
-"""Segmentor with the SSR shadow branch: backbone -> head (plain), backbone -> SSR -> same head (enhanced).
+"""Segmentor with the SSR shadow branch: backbone -> head (shadow), backbone -> SSR -> same head (enhanced).
 
-The plain path is the deployed model; the regulariser only exists at training time. ``export_state_dict``
-keeps exactly the plain model (``backbone.*`` and ``head.*``) so evaluation builds a segmentor without a
-regulariser (``build_plain_segmentor``) and loads it strictly (``load_exported``).
+The shadow branch is the deployed model; the regulariser only exists at training time. ``shadow_state_dict``
+keeps exactly the shadow branch (``backbone.*`` and ``head.*``) so inference builds a segmentor without a
+regulariser (``build_shadow_segmentor``) and loads it strictly (ssr_train/infer/run_model.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ssr_train.models.daformer_head import DAFormerHead
 from ssr_train.models.ssr_regularizer import SamInput, SSRRegularizer
 
 IGNORE_INDEX = 255
-EXPORT_PREFIXES = ("backbone.", "head.")
+SHADOW_PREFIXES = ("backbone.", "head.")
 
 
 class SSRSegmentor(nn.Module):
@@ -35,7 +35,7 @@ class SSRSegmentor(nn.Module):
         return list(self.backbone(img))
 
     def forward(self, img: Tensor) -> Tensor:
-        """Inference: plain (shadow) branch logits, (B, num_classes, H/4, W/4)."""
+        """Inference: shadow branch logits, (B, num_classes, H/4, W/4)."""
         return self.head(self.extract_features(img))
 
     def forward_train(self, img: Tensor, sam: SamInput | None = None) -> dict[str, Any]:
@@ -52,9 +52,9 @@ class SSRSegmentor(nn.Module):
             enhanced_logits = self.head(self.regularizer(feats, sam))
         return {"plain_logits": plain_logits, "enhanced_logits": enhanced_logits, "feats": feats}
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The plain model's state (parameters and BN buffers), regulariser dropped, detached copies."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(EXPORT_PREFIXES)}
+    def shadow_state_dict(self) -> dict[str, Tensor]:
+        """The shadow branch's state (parameters and BN buffers), regulariser dropped, detached copies."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(SHADOW_PREFIXES)}
 
 
 def build_segmentor(
@@ -77,20 +77,11 @@ def build_segmentor(
     return SSRSegmentor(backbone, head, regularizer)
 
 
-def build_plain_segmentor(
+def build_shadow_segmentor(
     backbone: nn.Module, *, num_classes: int = 19, embed_dim: int = 256
 ) -> SSRSegmentor:
-    """Segmentor without a regulariser: the architecture that ``export_state_dict`` output loads into."""
+    """Segmentor without a regulariser: the architecture that ``shadow_state_dict`` output loads into."""
     return build_segmentor(backbone, num_classes=num_classes, embed_dim=embed_dim)
-
-
-def load_exported(
-    backbone: nn.Module, state_dict: dict[str, Tensor], *, num_classes: int = 19, embed_dim: int = 256
-) -> SSRSegmentor:
-    """Plain segmentor loaded (strictly) from ``SSRSegmentor.export_state_dict()`` output."""
-    model = build_plain_segmentor(backbone, num_classes=num_classes, embed_dim=embed_dim)
-    model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 def segmentation_loss(

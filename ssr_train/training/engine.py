@@ -174,7 +174,7 @@ class Trainer:
         if self.rank != 0:
             return
         save_atomic(self._checkpoint_state(it, method, optimizer, losses, rng_per_rank), self.run_dir / "latest.pth")
-        export = {"state_dict": method.export_model().export_state_dict(), "config": self.cfg.to_dict(),
+        export = {"state_dict": method.export_model().shadow_state_dict(), "config": self.cfg.to_dict(),
                   "iteration": it}
         save_atomic(export, self.run_dir / "model.pth")
 
@@ -285,7 +285,7 @@ class Trainer:
 
     def _validate(self, method, it: int, metrics) -> None:
         from ssr_cache.data.datasets import open_dataset
-        from ssr_train.infer.evaluation import evaluate
+        from ssr_train.infer.evaluate import evaluate
 
         if self.rank != 0 or not self.cfg.run.val_data_root:
             return
