@@ -87,8 +87,8 @@ def _torchscript_bytes(model: DeployModel, example: Tensor, metadata: dict) -> b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes becoming constants: intended here
         traced = torch.jit.trace(model, (example,), check_trace=False)
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
     return buffer.getvalue()
 
 
@@ -152,7 +152,9 @@ class ExportedModel:
     def _load_torchscript(self):
         extra = {EXTRA_FILE: ""}
         try:
-            module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the way to run .pt
+                module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
         except (RuntimeError, ValueError, OSError) as exc:
             raise SSRError(f"cannot load {self.path} as TorchScript: {str(exc).strip().splitlines()[0]}") from None
         metadata = json.loads(extra[EXTRA_FILE] or "{}")
