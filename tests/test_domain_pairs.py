@@ -56,10 +56,10 @@ def world(tmp_path_factory):
     synth = synthesize(work / "data", train=4, val=2, size=(64, 64), seed=7, progress=False,
                        layouts=("cityscapes", "synthia", "acdc", "dark_zurich", "folder"))
     roots = {**synth.roots}
-    stores = {}
+    stores, printed = {}, {}
     for name, (dataset, root, extra) in STORES.items():
         stores[name] = work / f"{name}.zarr"
-        ssr("cache", "build", "--dataset", dataset, "--data-root", str(roots[root]), "--out", str(stores[name]),
+        printed[name] = ssr("cache", "build", "--dataset", dataset, "--data-root", str(roots[root]), "--out", str(stores[name]),
             *TINY, *extra)
     runs = {}
     for pair, (src, tgt, dataset, root) in PAIRS.items():
@@ -68,7 +68,7 @@ def world(tmp_path_factory):
                              "--target-cache", str(stores[tgt])))
         ssr("eval", "--run", str(runs[pair]), "--dataset", dataset, "--data-root", str(roots[root]),
             "--split", "val", "--workers", "0")
-    return {"roots": roots, "stores": stores, "runs": runs, "work": work}
+    return {"roots": roots, "stores": stores, "runs": runs, "work": work, "printed": printed}
 
 
 def test_stores_record_dataset_role_and_label_space(world):
@@ -86,6 +86,19 @@ def test_stores_record_dataset_role_and_label_space(world):
         assert f["crop"] == [64, 64] and f["total_stored_bytes"] > 0
     store = FeatureStore.open(world["stores"]["folder_src"])
     assert store.layout.num_classes == 3 and store.class_counts().shape == (store.n_views, 3)
+
+
+def test_build_reports_unlisted_label_values(world):
+    stats = compute_class_counts(open_dataset("folder", world["roots"]["folder_source"]), workers=1, progress=False)
+    assert f"{int(stats.unlisted.sum())} label pixels hold values the label table does not list" in \
+        " ".join(world["printed"]["folder_src"].split())
+    assert "does not list" not in world["printed"]["synthia"]
+
+
+def test_an_unlabelled_store_is_refused_as_source(world, tmp_path):
+    result = CliRunner().invoke(app, tiny_train_args(world["stores"]["folder_tgt"], tmp_path / "run", "--iters", "1"))
+    assert isinstance(result.exception, SSRError) and "is not a labelled source cache" in str(result.exception)
+    assert not (tmp_path / "run" / "model.pth").exists()
 
 
 def test_image_class_counts_are_the_full_resolution_counts(world):
