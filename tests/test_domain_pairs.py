@@ -113,12 +113,28 @@ def test_image_class_counts_are_the_full_resolution_counts(world):
     assert not sampler.class_probs[[9, 14, 16]].any()  # terrain, truck, train: not in SYNTHIA
 
 
+def _eval(world, pair: str) -> dict:
+    dataset = PAIRS[pair][2]
+    return json.loads((world["runs"][pair] / "eval" / f"{dataset}-val.json").read_text())
+
+
 def test_every_pair_trains_and_evaluates(world):
-    for pair, run in world["runs"].items():
-        data = json.loads((run / "eval.json").read_text())
+    for pair in PAIRS:
+        data = _eval(world, pair)
         assert 0 <= data["miou"] <= 100 and data["n_images"] >= 1, pair
     for pair in ("synthia2cs", "cs2acdc", "cs2dz"):
-        assert len(json.loads((world["runs"][pair] / "eval.json").read_text())["per_class"]) == 19
+        assert len(_eval(world, pair)["per_class"]) == 19
+
+
+def test_synthia_to_cityscapes_reports_miou16_and_miou13(world):
+    data = _eval(world, "synthia2cs")
+    iou = data["per_class"]
+    for key, names in (("miou16", 16), ("miou13", 13)):
+        subset = dict(FeatureStore.open(world["stores"]["synthia"]).label_space.subsets)[key]
+        assert len(subset) == names
+        valid = [iou[n] for n in subset if iou[n] is not None]
+        assert data[key] == pytest.approx(sum(valid) / len(valid), abs=1e-6)
+    assert "miou16" not in _eval(world, "cs2acdc")
 
 
 def test_data_stats_json(world):
