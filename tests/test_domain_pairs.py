@@ -178,3 +178,23 @@ def test_folder_source_without_labels_exits_2_without_traceback(world, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: no label for image" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_folder_with_the_cityscapes_classes_is_a_cityscapes_target(world, tmp_path):
+    # Domain generalisation: a BDD/Mapillary-style folder mapped to the 19 classes, evaluated like Cityscapes.
+    from PIL import Image
+
+    from ssr_cache.data.label_space import CITYSCAPES
+
+    cs = open_dataset("cityscapes", world["roots"]["cityscapes"], "val")
+    names = ", ".join(f'"{n}"' for n in CITYSCAPES.class_names)
+    (tmp_path / "classes.toml").write_text(f"names = [{names}]\n")
+    for i, item in enumerate(cs.items):
+        (tmp_path / "images" / "val").mkdir(parents=True, exist_ok=True)
+        Image.open(item.image).convert("RGB").save(tmp_path / "images" / "val" / f"{i}.jpg", quality=98)
+        (tmp_path / "labels" / "val").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(cs.load_label(i)).save(tmp_path / "labels" / "val" / f"{i}.png")
+    ssr("eval", "--run", str(world["runs"]["synthia2cs"]), "--dataset", "folder", "--data-root", str(tmp_path),
+        "--split", "val", "--workers", "0")
+    data = json.loads((world["runs"]["synthia2cs"] / "eval" / "folder-val.json").read_text())
+    assert list(data["per_class"]) == list(CITYSCAPES.class_names) and data["n_images"] == len(cs)
