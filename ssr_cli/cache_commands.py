@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ssr_cache.data.datasets import DATASETS
+from ssr_cache.data.datasets.base import SHORT_SIDE_ONLY
 from ssr_cache.errors import SSRError
 from ssr_cli.parsing import parse_int_list, parse_resize, parse_size
 
@@ -26,7 +28,7 @@ def _parse_range(text: str) -> tuple[float, float]:
 
 @cache_app.command("build")
 def build(
-    dataset: str = typer.Option(..., help="gta5, synthia, cityscapes, acdc, dark_zurich or folder."),
+    dataset: str = typer.Option(..., help=f"One of: {', '.join(DATASETS)}."),
     data_root: Path = typer.Option(..., "--data-root", help="Dataset root in the real layout."),
     out: str = typer.Option(..., help="Store path or fsspec URL (s3://…, memory://…)."),
     split: str = typer.Option("train", help="Dataset split."),
@@ -126,8 +128,10 @@ def info(
     console.print(f"[bold]{path}[/]: {data['n_views']} views ({data['done_views']} done) of "
                   f"{data['n_images']} images, {data['dataset']}/{data['split']} ({role}), encoder {enc['name']} "
                   f"{'[yellow](random init)[/]' if enc['random_init'] else ''}")
+    resize = data["resize"] or (0, 0)
+    resize = f"short side {resize[1]}" if resize[0] == SHORT_SIDE_ONLY else f"{resize[0]}x{resize[1]}"
     console.print(f"label space {space['name']}: {len(space['class_names'])} classes; crop "
-                  f"{data['crop'][1]}x{data['crop'][0]}, resize {data['resize'][0]}x{data['resize'][1]}")
+                  f"{data['crop'][1]}x{data['crop'][0]}, resize {resize}")
     table = Table()
     for col in ("array", "shape", "dtype", "chunks", "shards", "stored", "raw", "ratio"):
         table.add_column(col, justify="left" if col in ("array", "dtype") else "right")

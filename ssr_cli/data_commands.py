@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssr_cache.data.class_stats import dataset_stats
-from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.datasets import DATASETS, open_dataset
 from ssr_cache.data.synthetic import DEFAULT_LAYOUTS, LAYOUTS, synthesize
 from ssr_cli.parsing import parse_size
 
@@ -41,7 +41,7 @@ def synth(
 
 @data_app.command("stats")
 def stats(
-    dataset: str = typer.Option(..., help="gta5, synthia, cityscapes, acdc, dark_zurich or folder."),
+    dataset: str = typer.Option(..., help=f"One of: {', '.join(DATASETS)}."),
     data_root: Path = typer.Option(..., "--data-root", help="Dataset root folder (real layout)."),
     split: str = typer.Option("train", help="Split (Cityscapes: train/val/test)."),
     conditions: str = typer.Option(None, help="ACDC / Dark Zurich conditions, comma-separated."),
