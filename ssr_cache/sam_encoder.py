@@ -1,9 +1,10 @@
 """The frozen SAM image encoder: registry of shapes, checkpoint loading, preprocessing, multi-scale encoding.
 
-SAM is only ever run here, once, by the cache build (and `cache verify --deep`); the trainer reads the
-stored features. Preprocessing follows the SSR reference: the crop is normalised with the mmseg/ImageNet
-mean and std (which equal SAM's pixel_mean/pixel_std) and then stretched bilinearly to img_size x img_size
-(no aspect-preserving resize and no padding, unlike `segment_anything.SamPredictor`).
+SAM runs here: once per view in the cache build (and `cache verify --deep`), or in the training loop in the
+trainer's online mode (ssr_train/methods/sam_features.py, through `encode(..., normalized=True)`).
+Preprocessing follows the SSR reference: the crop is normalised with the mmseg/ImageNet mean and std
+(image_norm; they equal SAM's pixel_mean/pixel_std) and then stretched bilinearly to img_size x img_size
+(no aspect-preserving resize and no padding, unlike `segment_anything.SamPredictor`), on the encoder's device.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from ssr_cache.errors import SSRError
+from ssr_cache.image_norm import normalize
+from ssr_cache.store.feature_levels import check_levels, default_levels, level_name
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 # Recorded in the fingerprint: a change of preprocessing changes every stored feature.
 PREPROCESS = "mmseg-normalise-then-bilinear-stretch-v1"
 
@@ -85,15 +86,42 @@ def build_image_encoder(config: SamEncoderConfig) -> ImageEncoderViT:
 
 
 def pool_levels(neck: torch.Tensor, levels: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """{"l{g}": neck average-pooled to g x g} for each grid size g (g must divide the neck's grid)."""
+    """{level_name(g): neck average-pooled to g x g} for each grid size g (g must divide the neck's grid)."""
     grid = neck.shape[-1]
     out = {}
-    for g in levels:
-        if g <= 0 or grid % g:
-            raise SSRError(f"level {g} must divide the encoder's {grid}x{grid} neck grid")
+    for g in check_levels(levels, grid):
         k = grid // g
-        out[f"l{g}"] = neck if k == 1 else F.avg_pool2d(neck, kernel_size=k, stride=k)
+        out[level_name(g)] = neck if k == 1 else F.avg_pool2d(neck, kernel_size=k, stride=k)
     return out
+
+
+def encoder_fingerprint(name: str, checkpoint: str | Path | None, *, seed: int = 0,
+                        checkpoint_sha256: str | None = None) -> dict:
+    """What identifies the features an encoder produces (JSON-plain), known before any weights are loaded:
+    the build checks its output against it before SAM loads."""
+    c = get_encoder_config(name)
+    if checkpoint is not None and checkpoint_sha256 is None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise SSRError(f"SAM checkpoint not found: {path}")
+        checkpoint_sha256 = file_sha256(path)
+    random_init = checkpoint is None
+    return {
+        "name": c.name,
+        "img_size": c.img_size,
+        "patch_size": c.patch_size,
+        "grid": c.grid,
+        "embed_dim": c.embed_dim,
+        "depth": c.depth,
+        "num_heads": c.num_heads,
+        "global_attn_indexes": list(c.global_attn_indexes),
+        "window_size": c.window_size,
+        "out_chans": c.out_chans,
+        "random_init": random_init,
+        "init_seed": seed if random_init else None,
+        "checkpoint_sha256": checkpoint_sha256,
+        "preprocess": PREPROCESS,
+    }
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -116,8 +144,6 @@ class FrozenSamEncoder(nn.Module):
         self.init_seed = init_seed
         self.checkpoint_sha256 = checkpoint_sha256
         self.grid = config.img_size // config.patch_size
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
 
@@ -127,27 +153,12 @@ class FrozenSamEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.image_encoder.pos_embed.device
 
     def fingerprint(self) -> dict:
-        """What identifies the features this encoder produces (JSON-plain: lists, ints, strings)."""
-        c = self.config
-        return {
-            "name": c.name,
-            "img_size": c.img_size,
-            "patch_size": c.patch_size,
-            "grid": self.grid,
-            "embed_dim": c.embed_dim,
-            "depth": c.depth,
-            "num_heads": c.num_heads,
-            "global_attn_indexes": list(c.global_attn_indexes),
-            "window_size": c.window_size,
-            "out_chans": c.out_chans,
-            "random_init": self.random_init,
-            "init_seed": self.init_seed if self.random_init else None,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "preprocess": PREPROCESS,
-        }
+        """What identifies the features this encoder produces (see `encoder_fingerprint`)."""
+        return encoder_fingerprint(self.config.name, None if self.random_init else "checkpoint",
+                                   seed=self.init_seed or 0, checkpoint_sha256=self.checkpoint_sha256)
 
     def preprocess(self, crops: np.ndarray | torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         """Crops → (B, 3, img_size, img_size) float32 on the encoder's device.
@@ -170,59 +181,40 @@ class FrozenSamEncoder(nn.Module):
             raise SSRError(f"crops must be uint8 or float, got {x.dtype}")
         elif x.shape[1] != 3:
             raise SSRError(f"float crops must be (B, 3, H, W), got shape {tuple(x.shape)}")
-        x = x.float()
-        if not normalized:
-            x = (x - self.pixel_mean) / self.pixel_std
+        x = x.float() if normalized else normalize(x)
         size = self.config.img_size
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x.contiguous()
 
     def encode(self, crops: np.ndarray | torch.Tensor, *, levels: tuple[int, ...] | None = None,
-               interm: bool = False, autocast_dtype: torch.dtype | None = None,
-               normalized: bool = False) -> dict[str, torch.Tensor]:
-        """{"l{g}": (B, out_chans, g, g)} for each level, plus {"interm{k}": (B, embed_dim, grid, grid)}
-        (outputs of the global-attention blocks k) when interm is set. All float32."""
+               autocast_dtype: torch.dtype | None = None, normalized: bool = False) -> dict[str, torch.Tensor]:
+        """{level_name(g): float32 (B, out_chans, g, g)} for each level g, on the encoder's device.
+
+        crops: see `preprocess` (normalized=True: the trainer's online mode). autocast_dtype: bf16/fp16 on
+        CUDA (None: fp32). The outputs are ordinary tensors (made outside inference mode), so the trainer may
+        feed them to trainable layers.
+        """
         levels = self.default_levels() if levels is None else tuple(levels)
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        if interm:
-            for k in self.config.global_attn_indexes:
-                hooks.append(self.image_encoder.blocks[k].register_forward_hook(_capture(captured, f"interm{k}")))
         # Reduced precision only on CUDA; on CPU fp32 is both exact and the fastest path.
         use_autocast = autocast_dtype is not None and self.device.type == "cuda"
         amp = torch.autocast("cuda", dtype=autocast_dtype) if use_autocast else contextlib.nullcontext()
-        try:
-            with torch.inference_mode(), amp:
-                x = self.preprocess(crops, normalized=normalized)
-                neck = self.image_encoder(x).float()
-                out = pool_levels(neck, levels)
-        finally:
-            for h in hooks:
-                h.remove()
-        # Blocks work channels-last (B, g, g, C); return channels-first like the neck.
-        out.update({name: t.permute(0, 3, 1, 2) for name, t in captured.items()})
-        # Cloned outside inference mode: inference tensors cannot enter autograd (the trainer's online mode
-        # feeds these to trainable layers).
-        return {name: t.float().contiguous().clone() for name, t in out.items()}
+        with torch.inference_mode(), amp:
+            x = self.preprocess(crops, normalized=normalized)
+            out = pool_levels(self.image_encoder(x).float(), levels)
+        return {name: t.clone() for name, t in out.items()}
 
     def default_levels(self) -> tuple[int, ...]:
-        return tuple(g for g in (self.grid, self.grid // 2, self.grid // 4) if g >= 1)
+        return default_levels(self.grid)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        return self.encode(crops, levels=(self.grid,))[f"l{self.grid}"]
-
-
-def _capture(store: dict, name: str):
-    def hook(module, inputs, output):
-        store[name] = output
-
-    return hook
+        return self.encode(crops, levels=(self.grid,))[level_name(self.grid)]
 
 
 def build_sam_encoder(name: str, checkpoint: str | Path | None = None, *, seed: int = 0,
-                      device: str | torch.device = "cpu") -> FrozenSamEncoder:
-    """A frozen encoder from an official SAM .pth (or an encoder-only state dict), or seeded random weights."""
+                      device: str | torch.device = "cpu", checkpoint_sha256: str | None = None) -> FrozenSamEncoder:
+    """A frozen encoder from an official SAM .pth (or an encoder-only state dict), or seeded random weights.
+    `checkpoint_sha256`: the file's hash when the caller already computed it."""
     config = get_encoder_config(name)
     if checkpoint is None:
         warnings.warn(f"SAM encoder {name} has no checkpoint: using RANDOM weights (seed {seed}); its features "
@@ -242,7 +234,8 @@ def build_sam_encoder(name: str, checkpoint: str | Path | None = None, *, seed: 
             raise SSRError(f"checkpoint {path.name} does not fit {name}: {first}") from exc
         if missing or unexpected:
             raise SSRError(f"checkpoint {path.name}: {_key_problem(missing, unexpected)}")
-        encoder = FrozenSamEncoder(config, image_encoder, random_init=False, checkpoint_sha256=file_sha256(path))
+        encoder = FrozenSamEncoder(config, image_encoder, random_init=False,
+                                   checkpoint_sha256=checkpoint_sha256 or file_sha256(path))
     return encoder.to(device)
 
 

@@ -49,12 +49,14 @@ def build(
     ratio_range: str = typer.Option("1.0,1.0", help="Random rescale ratio range lo,hi."),
     seed: int = typer.Option(0, help="Seed of the view plan."),
     levels: str = typer.Option(None, help="Stored grid sizes, e.g. 64,32,16 (default: neck, /2, /4)."),
-    interm: bool = typer.Option(False, "--interm", help="Also store the ViT global-attention block outputs."),
     feature_dtype: str = typer.Option("float16", help="float16 (lossless wrt fp16) or int8 (per-channel affine)."),
     views_per_shard: int = typer.Option(64, help="Views per Zarr shard file."),
     batch_size: int = typer.Option(4, help="Views per encoder batch."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 …"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …"),
+    autocast: str = typer.Option(None, help="SAM precision: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on "
+                                            "CPU; the reference runs SAM in fp32). Recorded in the cache."),
     workers: int = typer.Option(2, help="Decoding worker processes."),
+    writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: cores, 2-8)."),
     max_images: int = typer.Option(None, help="Only the first N images (reduced builds)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built with other settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
@@ -68,9 +70,9 @@ def build(
         conditions=tuple(c.strip() for c in conditions.split(",") if c.strip()) if conditions else None,
         sam=sam, sam_checkpoint=sam_checkpoint, sam_seed=sam_seed, views_per_image=views_per_image, crop=(h, w),
         resize=parse_resize(resize) if resize else None, ratio_range=_parse_range(ratio_range),
-        seed=seed, levels=parse_int_list(levels, what="--levels") if levels else None, interm=interm,
+        seed=seed, levels=parse_int_list(levels, what="--levels") if levels else None,
         feature_dtype=feature_dtype, views_per_shard=views_per_shard, batch_size=batch_size, device=device,
-        workers=workers, max_images=max_images, overwrite=overwrite,
+        autocast=autocast, workers=workers, writer_threads=writer_threads, max_images=max_images, overwrite=overwrite,
     )
     if dry_run:
         from ssr_cache.build.size_estimate import describe_plan
@@ -127,7 +129,7 @@ def info(
     role = "labelled source" if data["labelled"] else "unlabelled target"
     console.print(f"[bold]{path}[/]: {data['n_views']} views ({data['done_views']} done) of "
                   f"{data['n_images']} images, {data['dataset']}/{data['split']} ({role}), encoder {enc['name']} "
-                  f"{'[yellow](random init)[/]' if enc['random_init'] else ''}")
+                  f"{'[yellow](random init)[/]' if enc['random_init'] else ''}, SAM precision {data['precision']}")
     resize = data["resize"] or (0, 0)
     resize = f"short side {resize[1]}" if resize[0] == SHORT_SIDE_ONLY else f"{resize[0]}x{resize[1]}"
     console.print(f"label space {space['name']}: {len(space['class_names'])} classes; crop "
@@ -150,6 +152,7 @@ def verify(
     deep_views: int = typer.Option(4, help="How many views --deep re-encodes."),
     data_root: Path = typer.Option(None, "--data-root", help="Dataset root for --deep (default: as built)."),
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Checkpoint for --deep (default: as built)."),
+    device: str = typer.Option("auto", help="Where --deep runs SAM: auto (CUDA when present), cpu, cuda:N."),
 ) -> None:
     """Every view done, every chunk readable, shapes/dtypes, no NaN/Inf (and --deep re-encoding)."""
     from ssr_cache.store.inspect import verify_store
@@ -158,7 +161,8 @@ def verify(
     if deep:
         from ssr_cache.store.deep_verify import make_deep_check
 
-        deep_check = make_deep_check(n_views=deep_views, data_root=data_root, sam_checkpoint=sam_checkpoint)
+        deep_check = make_deep_check(n_views=deep_views, data_root=data_root, sam_checkpoint=sam_checkpoint,
+                                     device=device)
     report = verify_store(path, progress=True, deep_check=deep_check)
     for problem in report.problems[:50]:
         console.print(f"[red]✗[/] {problem}")

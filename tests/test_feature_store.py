@@ -16,7 +16,14 @@ import pytest
 import zarr
 
 from ssr_cache.errors import SSRError
-from ssr_cache.store.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
+from ssr_cache.store.feature_store import (
+    CREATING_MARKER,
+    FeatureStore,
+    StoreLayout,
+    check_fingerprint,
+    store_exists,
+    store_state,
+)
 from ssr_cache.store.inspect import store_info, verify_store
 
 FINGERPRINT = {"encoder": {"name": "vit_b", "seed": 0}, "crop": [32, 32], "plan": {"seed": 0}, "dataset": "gta5"}
@@ -33,9 +40,9 @@ def view_arrays(n: int, n_samples: int = 5) -> dict[str, np.ndarray]:
     }
 
 
-def make_store(url, *, n=10, vps=4, dtype="float16", levels=(8, 4), channels=8, crop=(32, 32), interm=(),
+def make_store(url, *, n=10, vps=4, dtype="float16", levels=(8, 4), channels=8, crop=(32, 32),
                overwrite=False) -> FeatureStore:
-    layout = StoreLayout(n_views=n, crop_hw=crop, channels=channels, levels=levels, interm=interm,
+    layout = StoreLayout(n_views=n, crop_hw=crop, channels=channels, levels=levels,
                          feature_dtype=dtype, views_per_shard=vps)
     return FeatureStore.create(str(url), layout, view_arrays(n), [f"img{k}" for k in range(5)], FINGERPRINT,
                                overwrite=overwrite)
@@ -75,11 +82,11 @@ def smooth_fields(rng, n: int, c: int, g: int, corr: float, std: float) -> np.nd
 
 def test_create_open_round_trip(tmp_path):
     url = tmp_path / "cache"
-    created = make_store(url, n=10, vps=4, levels=(4, 8), interm=((2, 12),))
+    created = make_store(url, n=10, vps=4, levels=(4, "l8"))
     store = FeatureStore.open(url)
     assert store.layout == created.layout
-    assert store.layout.levels == (8, 4) and store.layout.neck_grid == 8
-    assert store.feature_names == ("l8", "l4", "interm2")
+    assert store.layout.levels == (8, 4)
+    assert store.feature_names == ("l8", "l4")
     assert store.fingerprint == FINGERPRINT
     assert store.sample_ids == [f"img{k}" for k in range(5)]
     assert store.n_shards == 3 and [store.shard_range(s) for s in range(3)] == [(0, 4), (4, 8), (8, 10)]
@@ -92,14 +99,9 @@ def test_create_open_round_trip(tmp_path):
         assert got[name].dtype == dtype
         np.testing.assert_array_equal(got[name], want[name].astype(dtype))
     attrs = store.attrs
-    assert attrs["ssr_cache_format"] == 1 and attrs["n_views"] == 10 and attrs["views_per_shard"] == 4
+    assert attrs["ssr_cache_format"] == 2 and attrs["n_views"] == 10 and attrs["views_per_shard"] == 4
     assert attrs["feature_dtype"] == "float16" and attrs["state"] == "ready" and "created" not in attrs  # no timestamp: builds compare bitwise
-    levels = attrs["levels"]
-    assert [d["path"] for d in levels["datasets"]] == ["features/l8", "features/l4"]
-    assert levels["datasets"][1]["grid"] == [4, 4] and levels["datasets"][1]["downsample_from_neck"] == 2.0
-    assert levels["datasets"][1]["crop_pixels_per_cell"] == [8.0, 8.0]
-    assert levels["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 8.0, 8.0]
-    assert levels["interm"][0] == {**levels["interm"][0], "block": 2, "channels": 12, "grid": [8, 8]}
+    assert not (url / CREATING_MARKER).exists()
     l8 = store.array("features/l8")
     assert l8.shape == (10, 8, 8, 8) and l8.chunks == (1, 8, 8, 8) and l8.shards == (4, 8, 8, 8)
     assert store.array("done").chunks == (4,) and store.array("labels").fill_value == 255
@@ -233,9 +235,70 @@ def test_interrupted_create_is_recognised(tmp_path):
     make_store(url)
     group = zarr.open_group(zarr.storage.LocalStore(url), mode="r+")
     group.update_attributes({"state": "creating"})  # as if killed before the last step of create
-    with pytest.raises(SSRError, match="not fully created"):
+    with pytest.raises(SSRError, match="not fully created.*re-run"):
         FeatureStore.open(url)
-    assert make_store(url, overwrite=True).attrs["state"] == "ready"
+    assert store_state(url) == "unfinished"
+    assert make_store(url).attrs["state"] == "ready"  # finished by creating again, no --overwrite needed
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no cleanup handler of zarr's runs."""
+
+
+def test_creation_killed_at_any_write_is_finished_by_creating_again(tmp_path, monkeypatch):
+    """Kill the creation at its k-th file write, for every k, leaving that file half-written under the
+    writer's temp name (what a kill mid-write leaves). Creating again (with or without --overwrite) must
+    give exactly the cache an uninterrupted creation gives; before that, the folder is recognisably ours."""
+    make_store(tmp_path / "ref")
+    reference = tree_hashes(tmp_path / "ref")
+    real_set = zarr.storage.LocalStore.set
+    writes = []
+
+    async def counting_set(self, key, value):
+        writes.append(key)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
+    make_store(tmp_path / "count")
+    n_writes = len(writes)
+    assert writes[0] == CREATING_MARKER and n_writes > 10
+
+    for k in range(n_writes):
+        url = tmp_path / f"killed{k}"
+        seen = []
+
+        async def dying_set(self, key, value, k=k, seen=seen):
+            if len(seen) == k:
+                path = Path(self.root) / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                data = value.to_bytes()
+                path.with_suffix(".0123456789abcdef.partial").write_bytes(data[: len(data) // 2])
+                raise Killed
+            seen.append(key)
+            return await real_set(self, key, value)
+
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", dying_set)
+        with pytest.raises(Killed):
+            make_store(url)
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+        assert store_state(url) in ("absent", "unfinished"), k
+        if store_state(url) == "unfinished":
+            with pytest.raises(SSRError, match="not fully created|holds no ssr cache|not an ssr cache"):
+                FeatureStore.open(url)
+        make_store(url, overwrite=bool(k % 2))
+        assert tree_hashes(url) == reference, k
+
+
+def test_foreign_folders_are_never_replaced(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    assert store_state(tmp_path / "photos") == "foreign"
+    for overwrite in (False, True):
+        with pytest.raises(SSRError, match="exists and is not an ssr cache"):
+            make_store(tmp_path / "photos", overwrite=overwrite)
+    assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"x"
+    (tmp_path / "empty").mkdir()
+    assert store_state(tmp_path / "empty") == "absent" and make_store(tmp_path / "empty").n_views == 10
 
 
 def test_fingerprint_mismatch_names_the_keys(tmp_path):

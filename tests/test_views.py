@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from ssr_cache.build.view_plan import (
     ViewPlanConfig,
     ViewTable,
     apply_view,
+    apply_views,
     plan_views,
     rescale_size,
 )
@@ -145,17 +147,47 @@ def test_apply_view_identity_resize_crop_and_flip():
     assert apply_view(image, None, view)[1] is None
 
 
-def test_apply_view_resize_matches_torch_bilinear_and_nearest():
+def float64_bilinear(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Independent reference: exact bilinear resize (half-pixel centres, no antialiasing) in float64, unrounded."""
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].double()
+    ref = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=False)
+    return ref[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(("in_hw", "out_hw"), [((61, 83), (40, 54)), ((61, 83), (100, 136)),
+                                               ((1052, 1914), (720, 1280)), ((513, 257), (512, 256))])
+def test_uint8_crop_is_within_one_grey_level_of_exact_float64_bilinear(in_hw, out_hw):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8)  # noise: the worst case for interpolation error
+    box = (3, 5, out_hw[0] - 2, out_hw[1] - 4)
+    crop, _ = apply_view(image, None, View(0, out_hw[0] / in_hw[0], out_hw, box, False))
+    ref = float64_bilinear(image, out_hw)[box[0]:box[2], box[1]:box[3]]
+    assert crop.dtype == np.uint8 and crop.shape == ref.shape
+    assert np.abs(crop.astype(float) - ref).max() <= 1.0
+    # and it is the definition the reference's mmcv.imrescale uses: cv2 INTER_LINEAR of the whole image
+    whole = cv2.resize(image, out_hw[::-1], interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(crop, whole[box[0]:box[2], box[1]:box[3]])
+
+
+def test_views_sharing_an_image_give_the_same_crops_together_or_alone():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (90, 120), dtype=np.uint8)
+    views = [View(0, 0.5, (45, 60), (1, 2, 33, 34), False), View(0, 0.5, (45, 60), (5, 9, 37, 41), True),
+             View(0, 0.75, (67, 90), (0, 0, 32, 32), False)]
+    together = apply_views(image, label, views)
+    for view, (crop, lab) in zip(views, together, strict=True):
+        alone, alone_lab = apply_view(image, label, view)
+        assert np.array_equal(crop, alone) and np.array_equal(lab, alone_lab)
+
+
+def test_apply_view_resize_matches_torch_nearest_for_labels():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)
     label = rng.integers(0, 19, (61, 83), dtype=np.uint8)
     for hw in [(40, 54), (100, 136)]:  # down and up
         box = (3, 5, hw[0] - 2, hw[1] - 4)
         crop, lab = apply_view(image, label, View(0, hw[0] / 61, hw, box, False))
-        t = torch.from_numpy(image).permute(2, 0, 1)[None].double()
-        ref = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=False)
-        ref = ref[0].permute(1, 2, 0).numpy()[box[0]:box[2], box[1]:box[3]]
-        assert np.abs(crop.astype(float) - ref).max() <= 0.5 + 1e-6
         ref_lab = F.interpolate(torch.from_numpy(label)[None, None].float(), size=hw, mode="nearest")
         assert np.array_equal(lab, ref_lab[0, 0].numpy().astype(np.uint8)[box[0]:box[2], box[1]:box[3]])
     # A constant image stays constant through any resize.

@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ssr_cache.data.datasets import check_dataset_name
 from ssr_cache.errors import SSRError
+from ssr_cache.store.feature_codec import FEATURE_DTYPES
 
-FEATURE_DTYPES = ("float16", "int8")
+# SAM's compute precision. The reference runs SAM in fp32; bf16 autocast is the default on CUDA (docs/recipe.md).
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass(frozen=True)
@@ -29,13 +33,13 @@ class CacheBuildConfig:
     cat_max_ratio: float | None = 0.75
     seed: int = 0
     levels: tuple[int, ...] | None = None  # grid sizes; None: neck grid, /2, /4
-    interm: bool = False
     feature_dtype: str = "float16"
     views_per_shard: int = 64
     batch_size: int = 4
-    device: str = "cpu"
-    autocast: str | None = None  # "bf16" | "fp16" on CUDA; None: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: CUDA when present
+    autocast: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on CPU
     workers: int = 2
+    writer_threads: int | None = None  # None: shard_writer.default_writer_threads()
     max_images: int | None = None  # build over the first N images only (reduced builds)
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -53,6 +57,10 @@ class CacheBuildConfig:
             raise SSRError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_images is not None and self.max_images <= 0:
             raise SSRError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.autocast is not None and self.autocast not in PRECISIONS:
+            raise SSRError(f"--autocast must be one of {', '.join(PRECISIONS)}, got {self.autocast!r}")
+        if self.writer_threads is not None and self.writer_threads <= 0:
+            raise SSRError(f"--writer-threads must be at least 1, got {self.writer_threads}")
         check_dataset_name(self.dataset)
         if self.conditions is not None:
             object.__setattr__(self, "conditions", tuple(self.conditions))
@@ -61,7 +69,7 @@ class CacheBuildConfig:
         """What the store records of its build: everything but where it was written and how it was run,
         so that two builds of the same cache are bitwise equal wherever they live."""
         out = self.to_dict()
-        for key in ("out", "overwrite", "workers"):
+        for key in ("out", "overwrite", "workers", "writer_threads", "device"):
             out.pop(key)
         return out
 
@@ -70,3 +78,17 @@ class CacheBuildConfig:
         for key in ("data_root", "sam_checkpoint"):
             out[key] = None if out[key] is None else str(out[key])
         return out
+
+
+def resolve_precision(autocast: str | None, device: torch.device) -> str:
+    """The precision SAM runs in: the --autocast choice, else bf16 on CUDA and fp32 on CPU. On CPU only fp32
+    is offered (reduced precision there is slower and not what anyone measured)."""
+    if autocast is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type != "cuda" and autocast != "fp32":
+        raise SSRError(f"--autocast {autocast} needs a CUDA device; on {device} SAM runs in fp32")
+    return autocast
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return PRECISIONS[precision]

@@ -2,34 +2,46 @@
 
 Data flow (bounded queues, so the encoder never waits on I/O):
   DataLoader workers: decode image (+label), resize, crop, flip, class counts  → one item per image
-  main thread:        batch views → SAM encoder (+ pooled levels) → per-shard buffers
-  writer thread:      compress + write whole shards, then their done flags
-A rank of a torchrun job owns whole shards; finished shards are skipped on a re-run (resume).
+  main thread:        batch views → SAM encoder (+ pooled levels) → cast or quantise on the encoder's device
+                      → copy the stored form to the host → per-shard buffers
+  writer threads:     compress + write each shard as soon as its last view arrives, then its done flags
+The output is checked (or created) before SAM loads. A rank of a torchrun job owns whole shards; finished
+shards are skipped on a re-run (resume), and an interrupted store creation is finished by re-running.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
-from ssr_cache.build.config import CacheBuildConfig
-from ssr_cache.build.view_plan import ViewPlanConfig, ViewTable, apply_view
+from ssr_cache import __version__
+from ssr_cache.build.config import CacheBuildConfig, autocast_dtype, resolve_precision
+from ssr_cache.build.shard_writer import ShardBuffers, ShardWriter, default_writer_threads, translate_os_error
+from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, apply_views, plan_views
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
+from ssr_cache.data.png_io import image_size
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
 from ssr_cache.errors import SSRError
-
-FORMAT_VERSION = 1
+from ssr_cache.progress import progress_bar
+from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
+from ssr_cache.sam_encoder import build_sam_encoder, encoder_fingerprint, get_encoder_config
+from ssr_cache.store.feature_codec import encode_features
+from ssr_cache.store.feature_levels import check_levels
+from ssr_cache.store.feature_store import (
+    FORMAT_VERSION,
+    FeatureStore,
+    StoreLayout,
+    check_fingerprint,
+    store_state,
+)
 
 
 @dataclass(frozen=True)
@@ -77,9 +89,6 @@ def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *
                ) -> BuildPlan:
     """The view table, and for a labelled source each image's full-resolution class counts (rare-class
     sampling's eligibility, as the reference computes it), from one read of every label."""
-    from ssr_cache.build.view_plan import plan_views
-    from ssr_cache.data.png_io import image_size
-
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     sizes = [image_size(ds.items[i].image) for i in range(n_images)]
     if not labelled:
@@ -103,35 +112,22 @@ def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *
     return BuildPlan(table, counts, int(unlisted.sum()))
 
 
-def default_levels(grid: int) -> tuple[int, ...]:
-    return tuple(g for g in (grid, grid // 2, grid // 4) if g >= 1)
-
-
-def resolve_levels(cfg: CacheBuildConfig, grid: int) -> tuple[int, ...]:
-    levels = cfg.levels or default_levels(grid)
-    for g in levels:
-        if g <= 0 or grid % g:
-            raise SSRError(f"--levels {g} must divide the encoder's {grid}x{grid} neck grid")
-    return tuple(sorted(set(levels), reverse=True))
-
-
 def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, plan: ViewTable,
-                      encoder_fp: dict, levels: tuple[int, ...]) -> dict:
+                      encoder_fp: dict, levels: tuple[int, ...], precision: str) -> dict:
     """What must match for two builds to be the same cache (and for a trainer to accept it)."""
-    from ssr_cache import __version__
-
     pc = plan_config(cfg, ds, labelled)
     return {
         "format_version": FORMAT_VERSION,
         "encoder": encoder_fp,
+        "precision": precision,  # SAM's compute precision (--autocast)
         "crop": list(cfg.crop),
+        "crop_definition": CROP_DEFINITION,
         "levels": list(levels),
-        "interm": bool(cfg.interm),
         "feature_dtype": cfg.feature_dtype,
         "views_per_shard": cfg.views_per_shard,
         "dataset": cfg.dataset,
         "split": cfg.split,
-        "domain": 0 if labelled else 1,  # the view column's value; `labelled` is the fact to read
+        "domain": 0 if labelled else 1,  # kept for older readers; `labelled` is the fact to read
         "labelled": labelled,
         "label_space": ds.label_space.to_dict(),
         "file_list_sha256": ds.file_list_hash(),
@@ -152,7 +148,11 @@ def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: 
 
 
 class ViewCropDataset(Dataset):
-    """One item per image: all of its views that this rank still has to build, cropped."""
+    """One item per image: all of its views that this rank still has to build, cropped.
+
+    A file that cannot be read gives an item {"error": one line naming it} instead of an exception, so
+    the main thread can stop cleanly (finished shards written, store resumable) with that one line.
+    """
 
     def __init__(self, ds: SegmentationDataset, plan: ViewTable, view_indices: np.ndarray, labelled: bool):
         self.ds = ds
@@ -169,12 +169,17 @@ class ViewCropDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         views = self.groups[k]
-        image, label = self.ds.load(int(self.plan.sample_index[views[0]]))
+        sample = int(self.plan.sample_index[views[0]])
+        try:
+            image, label = self.ds.load(sample)
+        except SSRError as exc:  # already one line naming the file
+            return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - any reader failure is about this sample's files
+            return {"error": f"{self.ds.items[sample].image}: cannot be read ({type(exc).__name__}: {exc})"}
         if not self.labelled:
             label = None
         crops, labels, counts = [], [], []
-        for v in views:
-            crop, label_crop = apply_view(image, label, self.plan.row(int(v)))
+        for crop, label_crop in apply_views(image, label, [self.plan.row(int(v)) for v in views]):
             if label_crop is None:
                 label_crop = np.full(crop.shape[:2], self.space.ignore_index, np.uint8)
             crops.append(crop)
@@ -184,111 +189,18 @@ class ViewCropDataset(Dataset):
                 "counts": np.stack(counts).astype(np.int32)}
 
 
-# ---------------------------------------------------------------- shard buffers + writer
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # one decoding worker = one core; cv2's own pool would oversubscribe them
 
 
-class ShardBuffer:
-    def __init__(self, start: int, stop: int, crop_hw: tuple[int, int], num_classes: int):
-        n = stop - start
-        self.start, self.stop = start, stop
-        self.pixels = np.zeros((n, *crop_hw, 3), np.uint8)
-        self.labels = np.zeros((n, *crop_hw), np.uint8)
-        self.counts = np.zeros((n, num_classes), np.int32)
-        self.features: dict[str, np.ndarray] = {}
-        self.filled = np.zeros(n, bool)
-
-    def put_inputs(self, views: np.ndarray, pixels, labels, counts) -> None:
-        idx = views - self.start
-        self.pixels[idx], self.labels[idx], self.counts[idx] = pixels, labels, counts
-
-    def put_features(self, views: np.ndarray, feats: dict[str, np.ndarray]) -> None:
-        idx = views - self.start
-        for name, arr in feats.items():
-            if name not in self.features:
-                self.features[name] = np.zeros((self.stop - self.start, *arr.shape[1:]), np.float32)
-            self.features[name][idx] = arr
-        self.filled[idx] = True
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.filled.all())
-
-
-class ShardWriter:
-    """Compresses and writes finished shards in a background thread; errors re-raise in the caller."""
-
-    def __init__(self, store, maxsize: int = 2):
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: BaseException | None = None
-        self.bytes_written = 0
-        self.thread = threading.Thread(target=self._run, name="ssr-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            shard, buf = item
-            if self.error is not None:
-                continue
-            try:
-                self.store.write_shard(shard, pixels=buf.pixels, labels=buf.labels,
-                                       class_counts=buf.counts, features=buf.features)
-                self.bytes_written += shard_disk_bytes(self.store, shard)
-            except BaseException as exc:  # surfaced by submit()/close()
-                self.error = exc
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise translate_os_error(self.error, self.store.url) from self.error
-
-    def submit(self, shard: int, buf: ShardBuffer) -> None:
-        self._check()
-        self.queue.put((shard, buf))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self._check()
-
-
-def shard_disk_bytes(store, shard: int) -> int:
-    """Bytes on disk of one shard across all arrays (local stores; 0 for remote URLs)."""
-    root = getattr(store, "local_path", None)
-    if root is None:
-        return 0
-    total = 0
-    for pattern in (f"*/c/{shard}", f"features/*/c/{shard}", f"views/*/c/{shard}"):
-        for path in Path(root).glob(pattern):
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            total += sum(f.stat().st_size for f in files)
-    return total
-
-
-def translate_os_error(exc: BaseException, url: str) -> BaseException:
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return SSRError(f"out of disk space while writing {url}; finished shards are kept, re-run to resume")
-        return SSRError(f"cannot write to {url}: {exc.strerror or exc}")
-    return exc
-
-
-# ---------------------------------------------------------------- the build
-
-
-def _autocast_dtype(cfg: CacheBuildConfig) -> torch.dtype | None:
-    if not cfg.device.startswith("cuda"):
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.bfloat16, "fp32": None}[cfg.autocast]
-
-
-def iter_batches(loader: DataLoader, batch_size: int) -> Iterator[list[dict]]:
-    """Regroup per-image items into encoder batches of about batch_size views."""
+def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
+    """Regroup per-image items into encoder batches of about batch_size views; a worker's error item
+    becomes its one-line SSRError here."""
     pending: list[dict] = []
     n = 0
     for item in loader:
+        if "error" in item:
+            raise SSRError(item["error"])
         pending.append(item)
         n += len(item["views"])
         if n >= batch_size:
@@ -298,42 +210,21 @@ def iter_batches(loader: DataLoader, batch_size: int) -> Iterator[list[dict]]:
         yield pending
 
 
-def open_or_create_store(cfg: CacheBuildConfig, layout_kwargs: dict, build_plan: BuildPlan,
-                         ds: SegmentationDataset, fingerprint: dict, rank: RankInfo):
-    from ssr_cache.store.feature_store import FeatureStore, StoreLayout, check_fingerprint, store_exists
-
-    layout = StoreLayout(**layout_kwargs)
-    plan = build_plan.views
-    n_views = len(plan)
-    sample_ids = [ds.sample_ids[i] for i in range(int(plan.sample_index.max()) + 1)]
-    if rank.rank == 0:
-        if store_exists(cfg.out) and not cfg.overwrite:
-            existing = FeatureStore.open(cfg.out, mode="r")
-            # The package version is recorded, not compared: an upgrade may resume an existing build.
-            keys = [k for k in fingerprint if k != "package_version"]
-            check_fingerprint(existing, fingerprint, keys, hint="pass --overwrite to rebuild it from scratch")
-        else:
-            view_arrays = dict(plan.to_arrays(), domain=np.full(n_views, fingerprint["domain"], np.uint8))
-            try:
-                FeatureStore.create(cfg.out, layout, view_arrays, sample_ids, fingerprint,
-                                    overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.stored_dict()},
-                                    image_class_counts=build_plan.image_class_counts)
-            except OSError as exc:
-                raise translate_os_error(exc, cfg.out) from exc
-    barrier(rank)
-    return FeatureStore.open(cfg.out, mode="r+")
+# ---------------------------------------------------------------- the build
 
 
-def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None, encoder=None) -> BuildResult:
-    """`encoder`: an already built encoder (benchmarks time the pipeline around a stand-in); None builds
-    the one `cfg` names. The CLI never passes one."""
-    from rich.console import Console
-
-    from ssr_cache.sam_encoder import build_sam_encoder
-
+def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Console | None = None,
+                encoder=None) -> BuildResult:
+    """Build (or resume) the cache `cfg` describes. `encoder`: an already built encoder (benchmarks time
+    the pipeline around a stand-in); None loads the one `cfg` names, after the output has been checked.
+    The CLI never passes one."""
     console = console or Console()
     rank = rank_info()
-    cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
+    device = resolve_device(rank_device(cfg.device, rank))
+    precision = resolve_precision(cfg.autocast, device)
+    threads = set_cpu_threads(None)
+    if rank.rank == 0:
+        console.print(runtime_line(device, precision=precision, threads=threads, workers=cfg.workers))
     t0 = time.perf_counter()
     ds, labelled = open_build_dataset(cfg)
     build_plan = plan_build(cfg, ds, labelled, progress=progress and rank.rank == 0)
@@ -342,107 +233,136 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console=None, e
         console.print(f"[yellow]note:[/] {build_plan.unlisted_pixels} label pixels hold values the label table "
                       "does not list; they are ignored")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if encoder is None:
-            encoder = build_sam_encoder(cfg.sam, cfg.sam_checkpoint, seed=cfg.sam_seed, device=cfg.device)
-    if encoder.random_init and rank.rank == 0:
-        console.print(f"[bold yellow]WARNING: {cfg.sam} has no checkpoint: RANDOM weights (seed "
-                      f"{cfg.sam_seed}). These are NOT SAM features; the cache records random_init: true.[/]")
-    for w in caught:
-        if not encoder.random_init:
-            console.print(f"[yellow]warning:[/] {w.message}")
-    levels = resolve_levels(cfg, encoder.grid)
-    interm = tuple((k, encoder.config.embed_dim) for k in encoder.config.global_attn_indexes) if cfg.interm else ()
-    fingerprint = build_fingerprint(cfg, ds, labelled, plan, encoder.fingerprint(), levels)
-    layout_kwargs = dict(n_views=len(plan), crop_hw=tuple(cfg.crop), channels=encoder.config.out_chans,
-                         levels=levels, interm=interm, feature_dtype=cfg.feature_dtype,
-                         views_per_shard=cfg.views_per_shard, num_classes=ds.label_space.num_classes)
-    store = open_or_create_store(cfg, layout_kwargs, build_plan, ds, fingerprint, rank)
+    if encoder is None:
+        enc_fp = encoder_fingerprint(cfg.sam, cfg.sam_checkpoint, seed=cfg.sam_seed)
+        channels, grid = get_encoder_config(cfg.sam).out_chans, get_encoder_config(cfg.sam).grid
+    else:
+        enc_fp, channels, grid = encoder.fingerprint(), encoder.config.out_chans, encoder.grid
+    levels = check_levels(cfg.levels, grid)
+    fingerprint = build_fingerprint(cfg, ds, labelled, plan, enc_fp, levels, precision)
+    layout = StoreLayout(n_views=len(plan), crop_hw=tuple(cfg.crop), channels=channels, levels=levels,
+                         feature_dtype=cfg.feature_dtype, views_per_shard=cfg.views_per_shard,
+                         num_classes=ds.label_space.num_classes)
+    # The output is checked before SAM loads (a refused output costs nothing), and created after it
+    # loaded (a bad checkpoint leaves nothing behind).
+    resuming = check_output(cfg, fingerprint) if rank.rank == 0 else True
+    if not resuming and encoder is None:
+        encoder = load_encoder(cfg, device, enc_fp, console, rank)
+    store = open_or_create_store(cfg, layout, build_plan, ds, fingerprint, rank, create=not resuming)
 
-    pending = store.pending_shards()
     done_before = int(store.done_mask().sum())
-    mine = pending[rank.rank::rank.world_size]
+    mine = store.pending_shards()[rank.rank::rank.world_size]
     if rank.rank == 0 and done_before:
         console.print(f"resuming: reused {done_before} finished views, {len(plan) - done_before} to build")
-    view_idx = np.concatenate([np.arange(*store.shard_range(s)) for s in mine]) if mine else np.zeros(0, int)
-
-    crops = ViewCropDataset(ds, plan, view_idx, labelled)
-    loader = DataLoader(crops, batch_size=None, shuffle=False, num_workers=cfg.workers,
-                        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    buffers = {s: None for s in mine}
-    shard_of = {}
-    for s in mine:
-        a, b = store.shard_range(s)
-        shard_of.update({v: s for v in range(a, b)})
-    writer = ShardWriter(store)
-    autocast = _autocast_dtype(cfg)
-
-    bar = _progress(progress and rank.rank == 0, console)
-    task = bar.add_task("views", total=len(view_idx), info="") if bar else None
     built = 0
-    try:
-        if bar:
-            bar.start()
-        for group in iter_batches(loader, cfg.batch_size):
-            views = np.concatenate([g["views"] for g in group])
-            pixels = np.concatenate([g["pixels"] for g in group])
-            for g in group:
-                _route_inputs(g, buffers, shard_of, store, cfg)
-            feats = encoder.encode(torch.from_numpy(pixels), levels=levels, interm=cfg.interm,
-                                   autocast_dtype=autocast)
-            feats_np = {k: v.float().cpu().numpy() for k, v in feats.items()}
-            for s in sorted({shard_of[int(v)] for v in views}):
-                sel = np.array([shard_of[int(v)] == s for v in views])
-                buffers[s].put_features(views[sel], {k: a[sel] for k, a in feats_np.items()})
-                if buffers[s].complete:
-                    writer.submit(s, buffers[s])
-                    buffers[s] = None
-            built += len(views)
-            if bar:
-                done = built + done_before
-                size = writer.bytes_written / max(built, 1) * len(plan)
-                bar.update(task, advance=len(views),
-                           info=f"{_mb(writer.bytes_written)} written, ~{_mb(size)} projected ({done}/{len(plan)})")
-    finally:
-        if bar:
-            bar.stop()
-        writer.close()
+    if mine:
+        if encoder is None:
+            encoder = load_encoder(cfg, device, enc_fp, console, rank)
+        built = encode_and_write(cfg, store, ds, plan, mine, labelled, encoder, levels, device, precision,
+                                 progress=progress and rank.rank == 0, console=console)
     barrier(rank)
     return BuildResult(url=cfg.out, n_views=len(plan), reused_views=done_before, built_views=built,
-                       seconds=time.perf_counter() - t0, random_init=encoder.random_init)
+                       seconds=time.perf_counter() - t0, random_init=bool(enc_fp["random_init"]))
 
 
-def _route_inputs(item: dict, buffers: dict, shard_of: dict, store, cfg: CacheBuildConfig) -> None:
-    views = item["views"]
-    for s in sorted({shard_of[int(v)] for v in views}):
-        if buffers[s] is None:
-            buffers[s] = ShardBuffer(*store.shard_range(s), tuple(cfg.crop), store.layout.num_classes)
-        sel = np.array([shard_of[int(v)] == s for v in views])
-        buffers[s].put_inputs(views[sel], item["pixels"][sel], item["labels"][sel], item["counts"][sel])
+def check_output(cfg: CacheBuildConfig, fingerprint: dict) -> bool:
+    """Whether the build resumes the cache at cfg.out (True) or creates one (False); raises, writing
+    nothing, when the output is refused: a folder that is no ssr cache, an older cache format, or a cache
+    of other settings without --overwrite. An interrupted creation (whatever its settings: it holds
+    nothing yet) is created again."""
+    state = store_state(cfg.out)
+    if state == "foreign":
+        raise SSRError(f"{cfg.out} exists and is not an ssr cache; refusing to write there")
+    if state != "ready" or cfg.overwrite:
+        return False
+    existing = FeatureStore.open(cfg.out, mode="r")
+    # The package version is recorded, not compared: an upgrade may resume an existing build.
+    keys = [k for k in fingerprint if k != "package_version"]
+    check_fingerprint(existing, fingerprint, keys, hint="pass --overwrite to rebuild it from scratch")
+    return True
+
+
+def open_or_create_store(cfg: CacheBuildConfig, layout: StoreLayout, build_plan: BuildPlan,
+                         ds: SegmentationDataset, fingerprint: dict, rank: RankInfo, *, create: bool
+                         ) -> FeatureStore:
+    """Rank 0 creates the store when `create`; every rank then opens it for writing."""
+    plan = build_plan.views
+    sample_ids = [ds.sample_ids[i] for i in range(int(plan.sample_index.max()) + 1)]
+    if rank.rank == 0 and create:
+        try:
+            FeatureStore.create(cfg.out, layout, plan.to_arrays(), sample_ids, fingerprint,
+                                overwrite=cfg.overwrite, extra_attrs={"build_config": cfg.stored_dict()},
+                                image_class_counts=build_plan.image_class_counts)
+        except OSError as exc:
+            raise translate_os_error(exc, cfg.out) from exc
+    barrier(rank)
+    return FeatureStore.open(cfg.out, mode="r+")
+
+
+def load_encoder(cfg: CacheBuildConfig, device: torch.device, enc_fp: dict, console: Console, rank: RankInfo):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder = build_sam_encoder(cfg.sam, cfg.sam_checkpoint, seed=cfg.sam_seed, device=device,
+                                    checkpoint_sha256=enc_fp["checkpoint_sha256"])
+    if rank.rank == 0:
+        if encoder.random_init:
+            console.print(f"[bold yellow]WARNING: {cfg.sam} has no checkpoint: RANDOM weights (seed "
+                          f"{cfg.sam_seed}). These are NOT SAM features; the cache records random_init: true.[/]")
+        else:
+            for w in caught:
+                console.print(f"[yellow]warning:[/] {w.message}")
+    return encoder
+
+
+def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: SegmentationDataset, plan: ViewTable,
+                     shards: list[int], labelled: bool, encoder, levels: tuple[int, ...], device: torch.device,
+                     precision: str, *, progress: bool, console: Console) -> int:
+    """Encode every view of `shards` and write them; returns the number of views built."""
+    view_idx = np.concatenate([np.arange(*store.shard_range(s)) for s in shards])
+    loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
+                        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
+                        worker_init_fn=_worker_init if cfg.workers else None, persistent_workers=False)
+    buffers = ShardBuffers(store, shards)
+    writer = ShardWriter(store, threads=cfg.writer_threads or default_writer_threads())
+    amp = autocast_dtype(precision)
+    if device.type == "cuda":  # CUDA/cuBLAS start-up and kernel selection, before the first timed batch
+        encoder.encode(torch.zeros((cfg.batch_size, *cfg.crop, 3), dtype=torch.uint8), levels=levels,
+                       autocast_dtype=amp)
+    bar = progress_bar("building cache", unit="views", disable=not progress, console=console)
+    task = bar.add_task("", total=len(view_idx), info="")
+    built = 0
+    try:
+        with bar:
+            for group in iter_batches(loader, cfg.batch_size):
+                views = np.concatenate([g["views"] for g in group])
+                for g in group:
+                    buffers.put_inputs(g["views"], g["pixels"], g["labels"], g["counts"])
+                pixels = torch.from_numpy(np.concatenate([g["pixels"] for g in group]))
+                encoded = encode_batch(encoder, pixels, levels, amp, cfg.feature_dtype, views)
+                for shard, buf in buffers.put_features(views, encoded):
+                    writer.submit(shard, buf)
+                built += len(views)
+                projected = writer.bytes_written / max(writer.shards_written, 1) * store.n_shards
+                bar.update(task, advance=len(views), info=f"{_mb(writer.bytes_written)} written, "
+                                                          f"~{_mb(projected)} projected")
+    finally:
+        writer.close()  # shards completed before an error are still written: a re-run resumes after them
+    return built
+
+
+def encode_batch(encoder, pixels: torch.Tensor, levels: tuple[int, ...], amp, feature_dtype: str,
+                 views: np.ndarray) -> dict[str, np.ndarray]:
+    """SAM features of a batch in their stored form (cast or quantised on the encoder's device, so only
+    the stored bytes cross to the host)."""
+    if pixels.device.type == "cpu" and encoder.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    feats = encoder.encode(pixels, levels=levels, autocast_dtype=amp)
+    where = f"views {int(views.min())}-{int(views.max())}"
+    out = {}
+    for name, x in feats.items():
+        out.update(encode_features(name, x, feature_dtype, where))
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
-def _progress(enabled: bool, console):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    class RateColumn(TextColumn):
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            return super().render(task) if speed is None else f"{speed:.2f} views/s"
-
-    return Progress(TextColumn("[bold]building cache"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    RateColumn(""), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=console, transient=False)

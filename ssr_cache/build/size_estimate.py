@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import open_build_dataset
+from ssr_cache.sam_encoder import get_encoder_config
+from ssr_cache.store.feature_levels import check_levels, level_name
 
 # Stored/raw ratios used only to project sizes before anything is built. Features: measured in
 # docs/benchmarks.md (fp16 0.379 of fp32 = 0.76 of raw fp16; int8 0.240 of fp32 = 0.96 of raw codes).
@@ -17,15 +20,8 @@ def feature_bytes_per_view(channels: int, grid: int, dtype: str) -> int:
 
 
 def describe_plan(cfg: CacheBuildConfig) -> dict:
-    from ssr_cache.build.pipeline import open_build_dataset, resolve_levels
-    from ssr_cache.errors import SSRError
-    from ssr_cache.sam_encoder import SAM_ENCODERS
-
-    if cfg.sam not in SAM_ENCODERS:
-        raise SSRError(f"unknown SAM encoder {cfg.sam!r}; choose one of {', '.join(SAM_ENCODERS)}")
-    enc = SAM_ENCODERS[cfg.sam]
-    grid = enc.img_size // enc.patch_size
-    levels = resolve_levels(cfg, grid)
+    enc = get_encoder_config(cfg.sam)
+    levels = check_levels(cfg.levels, enc.grid)
     ds, _ = open_build_dataset(cfg)
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     n_views = n_images * cfg.views_per_image
@@ -36,12 +32,8 @@ def describe_plan(cfg: CacheBuildConfig) -> dict:
         ("class_counts", ds.label_space.num_classes * 4, PROJECTED_RATIO["class_counts"]),
     ]
     for g in levels:
-        arrays.append((f"features/l{g}", feature_bytes_per_view(enc.out_chans, g, cfg.feature_dtype),
+        arrays.append((f"features/{level_name(g)}", feature_bytes_per_view(enc.out_chans, g, cfg.feature_dtype),
                        PROJECTED_RATIO[cfg.feature_dtype]))
-    if cfg.interm:
-        for k in enc.global_attn_indexes:
-            arrays.append((f"features/interm{k}", feature_bytes_per_view(enc.embed_dim, grid, cfg.feature_dtype),
-                           PROJECTED_RATIO[cfg.feature_dtype]))
     rows = [{"name": name, "bytes_per_view": b, "projected_bytes": b * n_views * r} for name, b, r in arrays]
     return {
         "n_images": n_images, "views_per_image": cfg.views_per_image, "n_views": n_views,

@@ -20,12 +20,16 @@ Every chunk also carries a crc32c so a damaged chunk fails loudly on read instea
 from __future__ import annotations
 
 import numpy as np
+import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+from ssr_cache.errors import SSRError
 
 FEATURE_DTYPES = ("float16", "int8")
 FEATURE_CLEVEL = 3
 FEATURE_BLOCKSIZE = 1 << 20  # larger blocks give zstd more context (measured ~2-4% smaller than auto)
 INT8_LEVELS = 255
+FP16_MAX = 65504.0
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,19 +37,47 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Returns (codes uint8 (n,C,h,w), scale float32 (n,C), offset float32 (n,C)) with
     x ~= codes * scale + offset. A constant channel gets scale 0 and codes 0 (exact on decode).
-    Non-finite input propagates into scale/offset so `verify` can flag it.
+    Non-finite input propagates into scale/offset so `verify` can flag it. numpy face of `quantize_int8_torch`.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"quantize_int8 expects (n, C, h, w) features, got shape {x.shape}")
-    lo = x.min(axis=(2, 3))
-    hi = x.max(axis=(2, 3))
-    scale = ((hi - lo) / INT8_LEVELS).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
-        q = (x - lo[:, :, None, None]) * inv[:, :, None, None]
-    codes = np.clip(np.rint(np.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)), 0, INT8_LEVELS)
-    return codes.astype(np.uint8), scale, lo.astype(np.float32)
+    codes, scale, offset = quantize_int8_torch(torch.from_numpy(x))
+    return codes.numpy(), scale.numpy(), offset.numpy()
+
+
+def quantize_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_int8` on a float (n, C, h, w) tensor, on its own device (the build quantises on the GPU
+    before the copy to the host). float32 arithmetic, round half to even: the same bytes on every device
+    up to float32 division rounding."""
+    x = x.float()
+    lo = x.amin(dim=(2, 3))
+    hi = x.amax(dim=(2, 3))
+    scale = (hi - lo) / INT8_LEVELS
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = (x - lo[:, :, None, None]) * inv[:, :, None, None]
+    codes = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0).round_().clamp_(0, INT8_LEVELS)
+    return codes.to(torch.uint8), scale, lo
+
+
+def encode_features(name: str, x: torch.Tensor, dtype: str, where: str) -> dict[str, torch.Tensor]:
+    """Float features (n, C, g, g) → what the store keeps of them, on x's device: {name: float16}, or for
+    int8 {name: uint8 codes, name_scale: float32 (n, C), name_offset: float32 (n, C)}.
+
+    NaN/Inf (and, for float16, values beyond its range) are refused with one line naming `where` (views).
+    """
+    peak = float(x.detach().abs().amax()) if x.numel() else 0.0  # amax propagates NaN; one reduction, one sync
+    if not np.isfinite(peak):
+        raise SSRError(f"SAM features {name} of {where} contain NaN/Inf; not caching them")
+    if dtype == "float16":
+        if peak > FP16_MAX:
+            raise SSRError(f"SAM features {name} of {where} overflow float16 (max |x| {peak:.3g}); "
+                           "use --feature-dtype int8")
+        return {name: x.to(torch.float16)}
+    if dtype == "int8":
+        codes, scale, offset = quantize_int8_torch(x)
+        return {name: codes, f"{name}_scale": scale, f"{name}_offset": offset}
+    raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
 
 
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:

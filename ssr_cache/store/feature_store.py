@@ -16,72 +16,60 @@ power loss (nothing is fsync'ed, so the OS may persist a flag file before the da
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from ssr_cache import __version__
+from ssr_cache.build.view_plan import VIEW_COLUMNS
 from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
 from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_cache.errors import SSRError
 from ssr_cache.store.feature_codec import (
     FEATURE_DTYPES,
     dequantize_int8,
+    encode_features,
     feature_compressors,
     flag_compressors,
     lossless_compressors,
-    quantize_int8,
 )
+from ssr_cache.store.feature_levels import level_name, parse_level
 
-FORMAT_VERSION = 1
+# 2: crops by cv2 INTER_LINEAR (view_plan.CROP_DEFINITION), no interm features, no per-view domain column,
+#    SAM precision in the fingerprint. Caches of another format are refused, never misread.
+FORMAT_VERSION = 2
 FORMAT_KEY = "ssr_cache_format"
 
-# view table columns written once at creation: name -> (dtype, per-view shape)
-VIEW_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "sample_index": ("int32", ()),
-    "scale": ("float32", ()),
-    "resized_hw": ("int32", (2,)),
-    "box": ("int32", (4,)),  # y0, x0, y1, x1 in the resized image
-    "flip": ("bool", ()),
-    "domain": ("uint8", ()),  # 0 source, 1 target
-}
 DONE = "done"
 IMAGE_CLASS_COUNTS = "image_class_counts"  # (n_samples, num_classes), written at creation (labelled sources)
-RESERVED_ATTRS = (FORMAT_KEY, "state", "ssr_version", "fingerprint", "layout", "levels",
+CREATING_MARKER = "ssr-creating.json"  # see FeatureStore.create
+RESERVED_ATTRS = (FORMAT_KEY, "state", "ssr_version", "fingerprint", "layout",
                   "sample_ids", "view_columns", "views_per_shard", "n_views", "feature_dtype")
-
-
-def level_name(grid: int) -> str:
-    return f"l{grid}"
-
-
-def interm_name(block: int) -> str:
-    return f"interm{block}"
 
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Shapes of a cache. `levels` are feature grid sizes (stored largest first); `interm` is
-    ((ViT block index, embedding dim), ...) for optional intermediate token maps at the neck grid."""
+    """Shapes of a cache. `levels` are feature grid sizes (stored largest first, see feature_levels)."""
 
     n_views: int
     crop_hw: tuple[int, int]
     channels: int = 256
     levels: tuple[int, ...] = (64, 32, 16)
-    interm: tuple[tuple[int, int], ...] = ()
     feature_dtype: str = "float16"
     views_per_shard: int = 64
     num_classes: int = CITYSCAPES.num_classes  # the build passes its label space's
-    neck_grid: int | None = None  # grid of the encoder's neck map and interm blocks; None: max(levels)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
         put(self, "n_views", int(self.n_views))
         put(self, "crop_hw", tuple(int(v) for v in self.crop_hw))
-        put(self, "levels", tuple(sorted({int(g) for g in self.levels}, reverse=True)))
-        put(self, "interm", tuple((int(k), int(d)) for k, d in self.interm))
+        put(self, "levels", tuple(sorted({parse_level(g) for g in self.levels}, reverse=True)))
         if self.n_views < 1:
             raise SSRError(f"a cache needs at least one view, got n_views={self.n_views}")
         if len(self.crop_hw) != 2 or min(self.crop_hw) < 1:
@@ -90,15 +78,8 @@ class StoreLayout:
             raise SSRError(f"views_per_shard must be >= 1, got {self.views_per_shard}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise SSRError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
-        if not self.levels or min(self.levels) < 1:
-            raise SSRError(f"feature levels must be positive grid sizes, got {self.levels}")
-        if self.neck_grid is None:
-            put(self, "neck_grid", self.levels[0])
-        bad = [g for g in self.levels if self.neck_grid % g]
-        if bad:
-            raise SSRError(f"feature levels {bad} do not divide the {self.neck_grid}x{self.neck_grid} neck grid")
-        if len({k for k, _ in self.interm}) != len(self.interm):
-            raise SSRError(f"interm blocks must be distinct, got {self.interm}")
+        if not self.levels:
+            raise SSRError("a cache needs at least one feature level")
 
     @property
     def n_shards(self) -> int:
@@ -117,27 +98,23 @@ class StoreLayout:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return tuple(level_name(g) for g in self.levels) + tuple(interm_name(k) for k, _ in self.interm)
+        return tuple(level_name(g) for g in self.levels)
 
     def feature_shape(self, name: str) -> tuple[int, int, int]:
         """(channels, grid, grid) of one view's feature map `name`."""
-        for g in self.levels:
-            if name == level_name(g):
-                return (self.channels, g, g)
-        for k, dim in self.interm:
-            if name == interm_name(k):
-                return (dim, self.neck_grid, self.neck_grid)
-        raise KeyError(name)
+        if name not in self.feature_names:
+            raise KeyError(name)
+        g = parse_level(name)
+        return (self.channels, g, g)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["crop_hw"], d["levels"], d["interm"] = list(self.crop_hw), list(self.levels), [list(x) for x in self.interm]
+        d["crop_hw"], d["levels"] = list(self.crop_hw), list(self.levels)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> StoreLayout:
-        return cls(**{**d, "crop_hw": tuple(d["crop_hw"]), "levels": tuple(d["levels"]),
-                      "interm": tuple(tuple(x) for x in d["interm"])})
+        return cls(**{**d, "crop_hw": tuple(d["crop_hw"]), "levels": tuple(d["levels"])})
 
 
 @dataclass(frozen=True)
@@ -180,32 +157,6 @@ def array_specs(layout: StoreLayout, view_columns: dict[str, tuple[str, tuple[in
     return specs
 
 
-def levels_attrs(layout: StoreLayout) -> dict:
-    """Multiscale metadata in the spirit of OME-Zarr `multiscales`: where each feature map lies in the crop."""
-    h, w = layout.crop_hw
-    neck = layout.neck_grid
-
-    def entry(name: str, grid: int, channels: int, **extra) -> dict:
-        sy, sx = h / grid, w / grid
-        return {"name": name, "path": f"features/{name}", "grid": [grid, grid], "channels": channels,
-                "downsample_from_neck": neck / grid, "crop_pixels_per_cell": [sy, sx],
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, 1.0, sy, sx]},
-                    {"type": "translation", "translation": [0.0, 0.0, (sy - 1) / 2, (sx - 1) / 2]}],
-                **extra}
-
-    return {
-        "version": 1,
-        "neck_grid": neck,
-        "crop_hw": [h, w],
-        "axes": [{"name": "view", "type": "index"}, {"name": "channel", "type": "channel"},
-                 {"name": "y", "type": "space", "unit": "crop_pixel"},
-                 {"name": "x", "type": "space", "unit": "crop_pixel"}],
-        "datasets": [entry(level_name(g), g, layout.channels) for g in layout.levels],
-        "interm": [entry(interm_name(k), neck, dim, block=k) for k, dim in layout.interm],
-    }
-
-
 # ---------------------------------------------------------------- URLs
 
 
@@ -243,12 +194,44 @@ def store_exists(url: str | Path) -> bool:
     return not sync(store.is_empty(""))
 
 
-def _is_cache(url: str | Path) -> bool:
-    store, _ = open_zarr_store(url, read_only=True)
+def store_state(url: str | Path) -> str:
+    """What is at `url`: "absent" (nothing, or an empty folder), "ready" (an ssr cache, any format),
+    "unfinished" (a creation this tool started and never completed: safe to replace), or "foreign"."""
+    if not store_exists(url):
+        return "absent"
+    store, local = open_zarr_store(url, read_only=True)
     try:
-        return FORMAT_KEY in zarr.open_group(store, mode="r").attrs
-    except Exception:  # anything that does not open as a Zarr group is not a cache
-        return False
+        attrs = zarr.open_group(store, mode="r").attrs
+        if FORMAT_KEY in attrs:
+            return "ready" if attrs.get("state") == "ready" else "unfinished"
+    except Exception:  # noqa: BLE001 - anything that does not open as a Zarr group is not a ready cache
+        pass
+    if sync(store.exists(CREATING_MARKER)):
+        return "unfinished"
+    # A kill while the marker itself was being written leaves only the writer's temp file of it.
+    stem = CREATING_MARKER.split(".")[0]
+    if local is not None and any(p.name.startswith(stem + ".") for p in local.iterdir()):
+        return "unfinished"
+    return "foreign"
+
+
+def _clear_all_but_marker(store, local: Path | None) -> None:
+    if local is not None:
+        for child in local.iterdir():
+            if child.name == CREATING_MARKER:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list()]
+
+    for key in sync(keys()):
+        if key != CREATING_MARKER:
+            sync(store.delete(key))
 
 
 def _to_json(what: str, value: dict) -> dict:
@@ -298,17 +281,18 @@ class FeatureStore:
         if clash:
             raise ValueError(f"extra_attrs may not set reserved attributes {clash}")
 
-        existed = store_exists(url)
-        if existed:
-            if not _is_cache(url):
-                raise SSRError(f"{url} exists and is not an ssr cache; refusing to write there")
-            if not overwrite:
-                raise SSRError(f"a cache already exists at {url} (use --overwrite to replace it)")
+        state = store_state(url)
+        if state == "foreign":
+            raise SSRError(f"{url} exists and is not an ssr cache; refusing to write there")
+        if state == "ready" and not overwrite:
+            raise SSRError(f"a cache already exists at {url} (use --overwrite to replace it)")
         store, local = open_zarr_store(url, read_only=False)
-        if existed:  # an ssr cache, and overwrite was asked for
-            sync(store.clear())
-
-        from ssr_cache import __version__
+        # The marker goes first and leaves last: until the cache is ready, the folder is recognisably ours,
+        # so a re-run (or --overwrite) may replace it whatever moment the creation was interrupted at.
+        sync(store.set(CREATING_MARKER, default_buffer_prototype().buffer.from_bytes(
+            json.dumps({"ssr_version": __version__}).encode())))
+        if state != "absent":
+            _clear_all_but_marker(store, local)
 
         attrs = {
             FORMAT_KEY: FORMAT_VERSION,
@@ -316,7 +300,6 @@ class FeatureStore:
             "ssr_version": __version__,
             "fingerprint": fingerprint,
             "layout": layout.to_dict(),
-            "levels": levels_attrs(layout),
             "n_views": layout.n_views,
             "views_per_shard": layout.views_per_shard,
             "feature_dtype": layout.feature_dtype,
@@ -340,6 +323,7 @@ class FeatureStore:
             root.create_array(IMAGE_CLASS_COUNTS, data=counts, chunks=counts.shape,
                               dimension_names=("sample", "class"))
         root.update_attributes({"state": "ready"})
+        sync(store.delete(CREATING_MARKER))
         return cls.open(url, mode="r+")
 
     @classmethod
@@ -363,8 +347,12 @@ class FeatureStore:
         if attrs[FORMAT_KEY] > FORMAT_VERSION:
             raise SSRError(f"{url} has cache format {attrs[FORMAT_KEY]}, newer than this ssr reads "
                            f"({FORMAT_VERSION}); upgrade ssr")
+        if attrs[FORMAT_KEY] < FORMAT_VERSION:
+            raise SSRError(f"{url} has cache format {attrs[FORMAT_KEY]}, written by an older ssr whose crops this "
+                           f"one cannot reproduce (format {FORMAT_VERSION}); rebuild it with `ssr cache build "
+                           f"… --overwrite`")
         if attrs.get("state") != "ready":
-            raise SSRError(f"{url} was not fully created (interrupted?); rebuild it with --overwrite")
+            raise SSRError(f"{url} was not fully created (interrupted?); re-run the build command to finish it")
         return cls(url, group, local_path=local, writable=mode == "r+")
 
     # ------------------------------------------------------------ table + progress
@@ -407,6 +395,11 @@ class FeatureStore:
         """The classes the stored labels index (older caches: Cityscapes' 19)."""
         stored = self.fingerprint.get("label_space")
         return LabelSpace.from_dict(stored) if stored else CITYSCAPES
+
+    @property
+    def precision(self) -> str:
+        """The precision SAM ran in when the cache was built: "bf16", "fp16" or "fp32" (`--autocast`)."""
+        return str(self.fingerprint.get("precision", "unrecorded"))
 
     @property
     def resize(self) -> tuple[int, int]:
@@ -470,17 +463,25 @@ class FeatureStore:
     # ------------------------------------------------------------ writing
 
     def write_shard(self, shard: int, *, pixels: np.ndarray, labels: np.ndarray, class_counts: np.ndarray,
-                    features: dict[str, np.ndarray]) -> None:
+                    features: dict | None = None, encoded_features: dict | None = None) -> None:
         """Write every array's region for the views of `shard`, then (last) their done flags.
 
-        pixels (n,H,W,3) uint8, labels (n,H,W) uint8, class_counts (n,num_classes) ints,
-        features {name: float (n,C,g,g)} for every name in layout.feature_names (quantised if int8).
-        Deterministic: the same inputs give byte-identical files.
+        pixels (n,H,W,3) uint8, labels (n,H,W) uint8, class_counts (n,num_classes) ints, and either
+        features {name: float (n,C,g,g)} for every name in layout.feature_names (encoded here), or
+        encoded_features: what `feature_codec.encode_features` made of them ({name: float16} or {name: uint8
+        codes, name_scale, name_offset}; the build encodes on the encoder's device before the copy).
+        Deterministic: the same inputs give byte-identical files. Safe to call from several threads at
+        once for different shards.
         """
         if not self.writable:
             raise SSRError(f"{self.url} is opened read-only")
         start, stop = self.shard_range(shard)
-        data = self._encode_shard(start, stop, pixels, labels, class_counts, features)
+        data = self._checked_inputs(start, stop, pixels, labels, class_counts)
+        if (features is None) == (encoded_features is None):
+            raise ValueError("pass exactly one of features and encoded_features")
+        if encoded_features is None:
+            encoded_features = self._encode_features(start, stop, features)
+        data.update(self._checked_encoded(stop - start, encoded_features))
         done = self.array(DONE)
         done[start:stop] = False  # while the shard is rewritten it is not done (an all-False flag chunk is deleted)
         self._remove_partials(self.shard_key(DONE, shard))
@@ -490,37 +491,41 @@ class FeatureStore:
             self.array(path)[start:stop] = values
         done[start:stop] = True
 
-    def _encode_shard(self, start: int, stop: int, pixels, labels, class_counts, features) -> dict:
+    def _checked_inputs(self, start: int, stop: int, pixels, labels, class_counts) -> dict:
         n, L = stop - start, self.layout
         h, w = L.crop_hw
-        data = {
+        return {
             "pixels": _checked("pixels", pixels, (n, h, w, 3), np.uint8),
             "labels": _checked("labels", labels, (n, h, w), np.uint8),
             "class_counts": _checked_counts(class_counts, (n, L.num_classes)),
         }
+
+    def _encode_features(self, start: int, stop: int, features: dict) -> dict[str, np.ndarray]:
+        L = self.layout
         missing = sorted(set(L.feature_names) - set(features))
         extra = sorted(set(features) - set(L.feature_names))
         if missing or extra:
             raise ValueError(f"features must have exactly {list(L.feature_names)}; missing {missing}, extra {extra}")
+        out = {}
         for name in L.feature_names:
-            x = np.asarray(features[name], dtype=np.float32)
-            if x.shape != (n, *L.feature_shape(name)):
-                raise ValueError(f"features[{name!r}] has shape {x.shape}, expected {(n, *L.feature_shape(name))}")
-            if not np.isfinite(x).all():
-                raise SSRError(f"SAM features {name} of views {start}-{stop - 1} contain NaN/Inf; not caching them")
-            if L.feature_dtype == "float16":
-                with np.errstate(over="ignore"):
-                    x16 = x.astype(np.float16)
-                if not np.isfinite(x16).all():
-                    raise SSRError(f"SAM features {name} of views {start}-{stop - 1} overflow float16 "
-                                   f"(max |x| {np.abs(x).max():.3g}); use --feature-dtype int8")
-                data[f"features/{name}"] = x16
-            else:
-                codes, scale, offset = quantize_int8(x)
-                data[f"features/{name}"] = codes
-                data[f"features/{name}_scale"] = scale
-                data[f"features/{name}_offset"] = offset
-        return data
+            x = torch.as_tensor(np.asarray(features[name], dtype=np.float32))
+            if tuple(x.shape) != (stop - start, *L.feature_shape(name)):
+                raise ValueError(f"features[{name!r}] has shape {tuple(x.shape)}, "
+                                 f"expected {(stop - start, *L.feature_shape(name))}")
+            encoded = encode_features(name, x, L.feature_dtype, f"views {start}-{stop - 1}")
+            out.update({k: v.numpy() for k, v in encoded.items()})
+        return out
+
+    def _checked_encoded(self, n: int, encoded: dict) -> dict[str, np.ndarray]:
+        """{"features/<name>": array} after checking every stored feature array is there with its spec."""
+        want = {path[len("features/"):]: spec for path, spec in self.specs.items() if path.startswith("features/")}
+        if set(encoded) != set(want):
+            raise ValueError(f"encoded features must be exactly {sorted(want)}, got {sorted(encoded)}")
+        out = {}
+        for name, spec in want.items():
+            value = np.asarray(encoded[name])
+            out[f"features/{name}"] = _checked(f"features {name}", value, (n, *spec.shape[1:]), np.dtype(spec.dtype))
+        return out
 
     def shard_key(self, path: str, shard: int) -> str:
         """Store key of the file holding `shard` of array `path` (for `done`, its flag chunk)."""
@@ -543,10 +548,10 @@ class FeatureStore:
     # ------------------------------------------------------------ reading
 
     def feature_names_for(self, levels=None) -> list[str]:
-        """Resolve `levels` (None: all; grid sizes like 64 or names like "l64", "interm5") to names."""
+        """Resolve `levels` (None: all; grid sizes like 64 or names like "l64") to names."""
         if levels is None:
             return list(self.layout.feature_names)
-        names = [level_name(v) if isinstance(v, (int, np.integer)) else str(v) for v in levels]
+        names = [level_name(parse_level(v)) for v in levels]
         unknown = [v for v in names if v not in self.layout.feature_names]
         if unknown:
             raise SSRError(f"{self.url} has no feature level {', '.join(unknown)} "

@@ -9,6 +9,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from ssr_cache.data.labels import IGNORE_INDEX
+from ssr_cache.progress import progress_bar
 from ssr_cache.store.feature_store import DONE, FeatureStore
 
 DeepCheck = Callable[[FeatureStore, list[int]], list[str]]
@@ -49,6 +50,7 @@ def store_info(url: str) -> dict:
         **store_facts(store),
         "encoder": {"name": enc.get("name"), "checkpoint_sha256": enc.get("checkpoint_sha256"),
                     "random_init": bool(enc.get("random_init")), "init_seed": enc.get("init_seed")},
+        "precision": store.precision,
         "format_version": store.attrs.get("ssr_cache_format"),
         "ssr_version": store.attrs.get("ssr_version"),
         "fingerprint": store.fingerprint,
@@ -137,7 +139,7 @@ def verify_store(url: str, progress: bool = True, *, deep_check: DeepCheck | Non
     checked = 0
     per_view = [p for p, spec in store.specs.items() if spec.per_view and p not in broken]
     with _progress(progress, console) as bar:
-        task = bar.add_task("verify", total=int(done.sum()))
+        task = bar.add_task("", total=int(done.sum()), info="")
         for s in range(store.n_shards):
             a, b = store.shard_range(s)
             views = np.flatnonzero(done[a:b]) + a
@@ -160,7 +162,7 @@ def verify_store(url: str, progress: bool = True, *, deep_check: DeepCheck | Non
 def _check_metadata(store: FeatureStore, problems: list[VerifyProblem]) -> set[str]:
     """Arrays that are missing or shaped unlike the layout; their data is not read."""
     broken = set()
-    for key in ("fingerprint", "layout", "levels", "sample_ids", "views_per_shard", "n_views", "feature_dtype"):
+    for key in ("fingerprint", "layout", "sample_ids", "views_per_shard", "n_views", "feature_dtype"):
         if key not in store.attrs:
             problems.append(VerifyProblem("attributes", None, f"attribute {key!r} is missing"))
     for path, spec in store.specs.items():
@@ -280,7 +282,4 @@ def _ranges(values: list[int]) -> str:
 
 
 def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]verifying views"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=False)
+    return progress_bar("verifying", unit="views", disable=not enabled, console=console)

@@ -1,0 +1,163 @@
+"""The build's back end: per-shard buffers that fill as views are encoded, and writer threads that compress
+and write each shard the moment its last view arrives (overlapping the encoder, the last shard included).
+
+Compression runs in numcodecs' Blosc, which releases the GIL, so N writer threads give up to N cores of
+compression; each thread writes whole shards, so no two threads ever touch the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ssr_cache.errors import SSRError
+
+
+def default_writer_threads() -> int:
+    """Enough threads to keep a fast GPU fed, no more than the cores (at least 2: one may be waiting on I/O)."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+class ShardBuffer:
+    """One shard's inputs and encoded features, filled view by view (features already in their stored form)."""
+
+    def __init__(self, start: int, stop: int, crop_hw: tuple[int, int], num_classes: int):
+        n = stop - start
+        self.start, self.stop = start, stop
+        self.pixels = np.zeros((n, *crop_hw, 3), np.uint8)
+        self.labels = np.zeros((n, *crop_hw), np.uint8)
+        self.counts = np.zeros((n, num_classes), np.int32)
+        self.features: dict[str, np.ndarray] = {}
+        self.has_inputs = np.zeros(n, bool)
+        self.has_features = np.zeros(n, bool)
+
+    def put_inputs(self, views: np.ndarray, pixels, labels, counts) -> None:
+        idx = views - self.start
+        self.pixels[idx], self.labels[idx], self.counts[idx] = pixels, labels, counts
+        self.has_inputs[idx] = True
+
+    def put_features(self, views: np.ndarray, encoded: dict[str, np.ndarray]) -> None:
+        idx = views - self.start
+        for name, arr in encoded.items():
+            if name not in self.features:
+                self.features[name] = np.zeros((self.stop - self.start, *arr.shape[1:]), arr.dtype)
+            self.features[name][idx] = arr
+        self.has_features[idx] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.has_inputs.all() and self.has_features.all())
+
+
+class ShardBuffers:
+    """Routes each batch's views into the buffers of the shards they belong to; hands out complete shards."""
+
+    def __init__(self, store, shards: list[int]):
+        self.store = store
+        self.buffers: dict[int, ShardBuffer] = {}
+        self.shard_of: dict[int, int] = {}
+        for s in shards:
+            a, b = store.shard_range(s)
+            self.shard_of.update(dict.fromkeys(range(a, b), s))
+
+    def _split(self, views: np.ndarray):
+        shards = np.array([self.shard_of[int(v)] for v in views])
+        for s in np.unique(shards):
+            sel = shards == s
+            if int(s) not in self.buffers:
+                L = self.store.layout
+                self.buffers[int(s)] = ShardBuffer(*self.store.shard_range(int(s)), L.crop_hw, L.num_classes)
+            yield int(s), sel
+
+    def put_inputs(self, views: np.ndarray, pixels, labels, counts) -> None:
+        for s, sel in self._split(views):
+            self.buffers[s].put_inputs(views[sel], pixels[sel], labels[sel], counts[sel])
+
+    def put_features(self, views: np.ndarray, encoded: dict[str, np.ndarray]) -> list[tuple[int, ShardBuffer]]:
+        """Store the batch's encoded features; returns the shards this completed (and forgets them)."""
+        complete = []
+        for s, sel in self._split(views):
+            buf = self.buffers[s]
+            buf.put_features(views[sel], {k: a[sel] for k, a in encoded.items()})
+            if buf.complete:
+                complete.append((s, self.buffers.pop(s)))
+        return complete
+
+
+class ShardWriter:
+    """`threads` background threads writing whole shards; the first error re-raises in the caller (one line
+    for disk full). A bounded queue keeps at most `threads` finished shards waiting in memory."""
+
+    def __init__(self, store, threads: int = 2):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=threads)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.shards_written = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"ssr-shard-writer-{i}", daemon=True)
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            shard, buf = item
+            if self.error is not None:
+                continue
+            try:
+                self.store.write_shard(shard, pixels=buf.pixels, labels=buf.labels, class_counts=buf.counts,
+                                       encoded_features=buf.features)
+                size = shard_disk_bytes(self.store, shard)
+                with self._lock:
+                    self.bytes_written += size
+                    self.shards_written += 1
+            except BaseException as exc:  # noqa: BLE001 - surfaced by submit()/close()
+                self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise translate_os_error(self.error, self.store.url) from self.error
+
+    def submit(self, shard: int, buf: ShardBuffer) -> None:
+        self._check()
+        self.queue.put((shard, buf))
+
+    def close(self) -> None:
+        """Write everything submitted, stop the threads, raise the first error."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+        self._check()
+
+
+def shard_disk_bytes(store, shard: int) -> int:
+    """Bytes on disk of one shard across all arrays (local stores; 0 for remote URLs)."""
+    root = getattr(store, "local_path", None)
+    if root is None:
+        return 0
+    total = 0
+    for pattern in (f"*/c/{shard}", f"features/*/c/{shard}", f"views/*/c/{shard}"):
+        for path in Path(root).glob(pattern):
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            total += sum(f.stat().st_size for f in files)
+    return total
+
+
+def translate_os_error(exc: BaseException, url: str) -> BaseException:
+    """Disk full and other OS errors as one SSRError line; anything else unchanged."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return SSRError(f"out of disk space while writing {url}; finished shards are kept: free some space "
+                            "and re-run the same command to resume")
+        return SSRError(f"cannot write to {url}: {exc.strerror or exc}")
+    return exc
