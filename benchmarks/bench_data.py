@@ -10,7 +10,7 @@ import numpy as np
 
 from ssr_cache.data.labels import ID_PALETTE
 from ssr_cache.data.png_io import write_png_atomic
-from ssr_cache.data.synthetic import forced_labels, gta5_files
+from ssr_cache.data.synthetic_layouts import forced_labels, gta5_files
 from ssr_cache.data.synthetic_scene import STYLES, render_scene
 
 GTA5_SIZE = (1914, 1052)  # (W, H) of a GTA5 frame

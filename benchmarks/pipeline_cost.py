@@ -59,7 +59,7 @@ class StandInEncoder:
     def fingerprint(self) -> dict:
         return {"name": f"stand-in-{self.config.name}", "grid": self.grid, "random_init": True}
 
-    def encode(self, crops, *, levels=None, interm=False, autocast_dtype=None, **_) -> dict[str, torch.Tensor]:
+    def encode(self, crops, *, levels=None, autocast_dtype=None, **_) -> dict[str, torch.Tensor]:
         n = len(crops)
         levels = self.levels if levels is None else levels
         return {f"l{g}": self.features[f"l{g}"].expand(n, -1, -1, -1) for g in levels}
@@ -180,9 +180,9 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
         print(f"# build {name}: {n} views, CPU {cpu:.1f} s, wall {wall:.1f} s, {load_note()}")
 
     cfg = config("fp16_w2", "float16", 2)
-    ds = open_build_dataset(cfg)
-    plan = plan_build(cfg, ds, progress=False)
-    item = ViewCropDataset(ds, plan, np.arange(vpi), labelled=True)[0]
+    ds, labelled = open_build_dataset(cfg)
+    plan = plan_build(cfg, ds, labelled, progress=False).views
+    item = ViewCropDataset(ds, plan, np.arange(vpi), labelled=labelled)[0]
     feats = {k: v.numpy() for k, v in encoder.encode(np.zeros((1,))).items()}
     floor = floor_ms(pngs[0], item, feats, vpi)
     floor16 = floor["decode_per_view"] + floor["float16"]
