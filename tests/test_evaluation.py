@@ -17,7 +17,7 @@ from test_metrics import cityscapes_args
 
 from ssr_cache.build.view_plan import View, apply_view
 from ssr_cache.data.datasets import open_dataset
-from ssr_cache.data.label_space import CITYSCAPES
+from ssr_cache.data.label_space import CITYSCAPES, SYNTHIA_CLASSES
 from ssr_cache.data.labels import CLASS_NAMES, TRAINID_TO_ID
 from ssr_cache.errors import SSRError
 from ssr_train.infer.eval_results import compare, read_eval, write_eval
@@ -208,8 +208,8 @@ def crafted_result() -> EvalResult:
     return EvalResult(conf.matrix.copy(), conf.scores(), n_images=1, settings={"mode": "whole", "flip": False})
 
 
-def context(**model) -> dict:
-    return {"dataset": "cityscapes", "split": "val", "label_space": CITYSCAPES.to_dict(), "model": model}
+def context(label_space=CITYSCAPES, **model) -> dict:
+    return {"dataset": "cityscapes", "split": "val", "label_space": label_space.to_dict(), "model": model}
 
 
 def test_write_eval_keys_values_confusion_and_history(tmp_path):
@@ -232,9 +232,15 @@ def test_write_eval_keys_values_confusion_and_history(tmp_path):
 
 
 def test_synthia_trained_models_report_miou16_and_miou13(tmp_path):
-    data = json.loads(write_eval(tmp_path, crafted_result(), context(source_dataset="synthia")).read_text())
-    # road 50, sidewalk 50, car n/a; the other classes of each subset are predicted nowhere and absent: n/a
-    assert data["miou16"] == pytest.approx(50.0) and data["miou13"] == pytest.approx(50.0)
+    conf = Confusion()
+    # road right; sidewalk half right; wall (not in the 13) wrong; terrain (not in the 16) right
+    conf.update(np.array([[0, 1, 0, 0, 9]]), np.array([[0, 1, 1, 3, 9]]))
+    result = EvalResult(conf.matrix.copy(), conf.scores(), n_images=1, settings={"mode": "whole", "flip": False})
+    data = json.loads(write_eval(tmp_path, result, context(SYNTHIA_CLASSES)).read_text())
+    # IoU: road 1/3, sidewalk 1/2, wall 0, terrain 1; the other classes are absent everywhere: n/a
+    assert data["miou"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 0 + 1) / 4)
+    assert data["miou16"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 0) / 3)
+    assert data["miou13"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
 
 
 def test_class_iou_chart_and_comparison(tmp_path):

@@ -105,7 +105,8 @@ def export_model(run: RunModel, out: str | os.PathLike, *, fmt: str = "onnx", si
         raise SSRError(f"--out {out} is a folder; give a file name such as {out / ('model' + FORMATS[fmt])}")
     width, height = check_resize(size or run.resize)
     model = DeployModel(run.model.float().cpu(), run.resize, output).eval()
-    example = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # batch 2: torch.export would fix a dimension of size 1 as a constant
+    example = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metadata = export_metadata(run, fmt=fmt, size=None if dynamic else (width, height), output=output)
     with torch.inference_mode(False), torch.no_grad():
         data = (_onnx_bytes(model, example, dynamic, metadata) if fmt == "onnx"

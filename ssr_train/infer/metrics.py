@@ -99,19 +99,8 @@ def scores(conf: np.ndarray) -> dict:
     }
 
 
-# SYNTHIA → Cityscapes is scored on SYNTHIA's 16 classes and on 13 of them (without wall, fence and pole),
-# as DAFormer/MIC/SSR report it (mIoU16 / mIoU13).
-SYNTHIA_16 = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-              "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle")
-SYNTHIA_13 = tuple(name for name in SYNTHIA_16 if name not in ("wall", "fence", "pole"))
-SUBSETS = {"miou16": SYNTHIA_16, "miou13": SYNTHIA_13}
 
-
-def subset_mious(iou: list[float | None], class_names: tuple[str, ...] | list[str]) -> dict[str, float | None]:
-    """mIoU over each SYNTHIA subset (classes with an IoU only); {} when a subset's classes are not all present."""
-    by_name = dict(zip(class_names, iou, strict=True))
-    out = {}
-    for key, names in SUBSETS.items():
-        if all(n in by_name for n in names):
-            out[key] = _mean([by_name[n] for n in names])
-    return out
+def subset_mious(iou: list[float | None], label_space: LabelSpace) -> dict[str, float | None]:
+    """mIoU over each of the label space's evaluation subsets (e.g. SYNTHIA's miou16 / miou13), over the
+    classes of the subset that have an IoU; {} for spaces without subsets."""
+    return {name: _mean([iou[i] for i in indices]) for name, indices in label_space.subset_indices().items()}
