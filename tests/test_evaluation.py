@@ -122,10 +122,12 @@ def test_resize_like_training_keeps_ratio_and_samples_as_the_cache_views():
     assert torch.equal(resize_images(image, (160, 96)), image.float())
     ours = resize_images(image, (128, 64))  # 160x96 -> 107x64
     assert ours.shape == (1, 3, 64, 107)
-    # The cache's views: the same bilinear half-pixel sampling (numpy, float64), rounded to uint8.
+    # The cache's views: the same bilinear half-pixel sampling, by cv2 in fixed point on uint8 (within one
+    # grey level of the exact bilinear that the Predictor computes in float).
     view = View(sample_index=0, scale=64 / 96, resized_hw=(64, 107), box=(0, 0, 64, 107), flip=False)
     theirs = torch.from_numpy(apply_view(image[0].permute(1, 2, 0).numpy(), None, view)[0]).permute(2, 0, 1)
-    assert (ours[0] - theirs.float()).abs().max() <= 0.5 + 1e-3  # only the rounding differs
+    difference = (ours[0] - theirs.float()).abs()
+    assert difference.max() <= 1.0 + 1e-3 and difference.mean() < 0.3
 
 
 # --------------------------------------------------------------------------- evaluate()

@@ -1,9 +1,9 @@
 """The one preprocessing of inference, in torch on the device, traceable into an exported graph.
 
 A uint8 RGB batch (N, 3, H, W) is rescaled keeping its aspect ratio to fit the training ``resize`` (W, H)
-— mmcv ``imrescale``'s size rule, bilinear with half-pixel centres as the cache's views are sampled (the
-views are then rounded to uint8; here the float result goes on, a difference below 1/100 of a normalised
-unit) — and normalised with ``ssr_cache.image_norm``. The same code runs in the Predictor, in the
+— mmcv ``imrescale``'s size rule, bilinear with half-pixel centres and no antialiasing, as the cache's
+views are sampled (they come from cv2's fixed-point uint8 resize, within one grey level of this float
+result: under 1/50 of a normalised unit) — and normalised with ``ssr_cache.image_norm``. The same code runs in the Predictor, in the
 evaluation and inside an exported ONNX/TorchScript graph, so all three see the same numbers.
 """
 
