@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ssr_cache.errors import SSRError
 from ssr_cli.cache_commands import cache_app
@@ -31,7 +32,7 @@ def main() -> None:
     try:
         app()
     except SSRError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")

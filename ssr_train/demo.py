@@ -111,7 +111,7 @@ def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, pro
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo re-run starts its runs afresh
     tc = TrainConfig()
-    tc = tc.replace("model", backbone=cfg.backbone, ssr=ssr, drop_path_rate=0.0, head_embed_dim=cfg.head_embed_dim)
+    tc = tc.replace("model", backbone=cfg.backbone, backbone_checkpoint="none", ssr=ssr, drop_path_rate=0.0, head_embed_dim=cfg.head_embed_dim)
     tc = tc.replace("optim", lr=cfg.lr, warmup_iters=min(50, iters // 10))
     tc = tc.replace("data", source_cache=str(caches["source"]), target_cache=str(caches["target"]),
                     batch_size=cfg.batch_size, workers=cfg.workers)

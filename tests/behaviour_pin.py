@@ -66,7 +66,7 @@ def run_losses(src: Path, tgt: Path, out: Path, method: str, ssr: bool) -> list[
 
 def pin_extra_args() -> list[str]:
     """Flags the current CLI needs to reproduce the pinned runs (device, random backbone init)."""
-    return []
+    return ["--backbone-checkpoint", "none", "--device", "cpu"]
 
 
 def compute(root: Path) -> dict:

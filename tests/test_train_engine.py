@@ -31,7 +31,7 @@ def caches(synth_root, tmp_path_factory):
 
 def tiny_cfg(src, out, **run) -> TrainConfig:
     cfg = TrainConfig()
-    cfg = cfg.replace("model", backbone="mit_b0").replace("optim", warmup_iters=0, lr=3e-4)
+    cfg = cfg.replace("model", backbone="mit_b0", backbone_checkpoint="none").replace("optim", warmup_iters=0, lr=3e-4)
     cfg = cfg.replace("data", source_cache=str(src), workers=0)
     return cfg.replace("run", out=str(out), log_every=1, **run)
 
@@ -50,9 +50,9 @@ def test_source_only_loss_falls(caches, tmp_path, ssr):
 
 def test_ssr_on_and_off_differ_only_by_the_regulariser():
     torch.manual_seed(0)
-    on = build_model(TrainConfig().replace("model", backbone="mit_b0").model)
+    on = build_model(TrainConfig().replace("model", backbone="mit_b0").model, num_classes=19)
     torch.manual_seed(0)
-    off = build_model(TrainConfig().replace("model", backbone="mit_b0", ssr=False).model)
+    off = build_model(TrainConfig().replace("model", backbone="mit_b0", ssr=False).model, num_classes=19)
     on_sd, off_sd = on.state_dict(), off.state_dict()
     extra = set(on_sd) - set(off_sd)
     assert extra and all(k.startswith("regularizer.") for k in extra) and not set(off_sd) - set(on_sd)
@@ -69,7 +69,7 @@ def test_export_is_exactly_the_shadow_branch(caches, tmp_path):
     exported = torch.load(run / "model.pth", weights_only=True)["state_dict"]
     assert not any(k.startswith("regularizer.") for k in exported)
     assert set(exported) == set(model.state_dict())
-    full = build_model(cfg.model)
+    full = build_model(cfg.model, num_classes=19)
     state = load_checkpoint(run / "latest.pth")["method"]
     full.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
     full.eval()
@@ -99,6 +99,8 @@ def test_killed_training_resumes_exactly(caches, tmp_path):
     proc.wait()
     at_kill = load_iteration(killed)
     assert 4 <= at_kill < 12, "the kill must land mid-run"
+    with open(killed / "metrics.jsonl", "a") as fh:
+        fh.write('{"iter": 11, "lo')  # as if the kill tore a metrics line
     resumed = run_ssr(*tiny_train_args(src, killed, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     ref = {m["iter"]: m["loss"] for m in read_metrics(reference)}
@@ -120,7 +122,7 @@ def test_sam_is_never_imported_in_cache_mode(caches, tmp_path):
         "import sys\n"
         "from ssr_train.training.config import TrainConfig\n"
         "from ssr_train.training.engine import Trainer\n"
-        f"cfg = TrainConfig().replace('model', backbone='mit_b0').replace('data', source_cache={str(src)!r}, "
+        f"cfg = TrainConfig().replace('model', backbone='mit_b0', backbone_checkpoint='none').replace('data', source_cache={str(src)!r}, "
         f"target_cache={str(tgt)!r}, workers=0).replace('run', method='daformer', iters=2, out={str(tmp_path / 'r')!r})\n"
         "Trainer(cfg, progress=False).train()\n"
         "print('SAM_IMPORTED' if any(m.startswith('segment_anything') or m == 'ssr_cache.sam_encoder' "
@@ -158,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(caches, tmp_pa
     result = run_ssr(*tiny_train_args(src, run, "--iters", "30", "--checkpoint-every", "1", "--lr", "1e30"))
     assert result.returncode == 2 and "non-finite loss" in result.stderr, result.stderr[-500:]
     failed_at = int(result.stderr.split("iteration ")[1].split()[0])
-    assert load_iteration(run) == failed_at  # checkpoints up to the last finite step, nothing after
+    assert load_iteration(run) == failed_at - 1  # checkpoints up to the last finite step, nothing after
 
 
 def _torchrun(port: int, *args: str) -> list[str]:

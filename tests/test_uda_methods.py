@@ -9,11 +9,14 @@ import pytest
 import torch
 from train_helpers import build_tiny_caches, read_metrics
 
+from ssr_cache.data.label_space import CITYSCAPES
+from ssr_train.methods.daformer import DAFormerConfig
+from ssr_train.methods.mic import MICConfig
 from ssr_train.methods.sam_features import SamFeatureSource
 from ssr_train.models.model_factory import build_model
 from ssr_train.models.segmentor import ssr_loss
 from ssr_train.training.cached_views import CachedViewDataset, collate_views
-from ssr_train.training.config import DataConfig, OptimConfig, TrainConfig, UDAConfig
+from ssr_train.training.config import DataConfig, OptimConfig, TrainConfig
 from ssr_train.training.engine import Trainer
 
 
@@ -23,7 +26,7 @@ def caches(synth_root, tmp_path_factory):
 
 
 def uda_cfg(src, tgt, out, method, *, ssr=True, iters=16) -> TrainConfig:
-    cfg = TrainConfig().replace("model", backbone="mit_b0", ssr=ssr)
+    cfg = TrainConfig().replace("model", backbone="mit_b0", backbone_checkpoint="none", ssr=ssr)
     cfg = cfg.replace("optim", warmup_iters=0, lr=3e-4)
     cfg = cfg.replace("data", source_cache=str(src), target_cache=str(tgt), workers=0)
     return cfg.replace("run", out=str(out), log_every=1, iters=iters, method=method)
@@ -47,14 +50,14 @@ def test_constants_are_the_reference_values():
     """DAFormer (configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py), MIC
     (configs/mic/gtaHR2csHR_mic_hrda.py: mask_block_size 64 at 1024 crops = 32 at 512), SSR (the same
     DAFormer/MIC schedule with the SAM regulariser)."""
-    u = UDAConfig()
-    assert dataclasses.asdict(u) == {
+    assert dataclasses.asdict(DAFormerConfig()) == {
         "ema_alpha": 0.999, "pseudo_threshold": 0.968, "pseudo_ignore_top": 15, "pseudo_ignore_bottom": 120,
         "color_jitter_strength": 0.2, "color_jitter_prob": 0.2, "blur": True, "fd_lambda": 0.005,
-        "fd_classes": (6, 7, 11, 12, 13, 14, 15, 16, 17, 18), "fd_scale_min_ratio": 0.75,
-        "rcs_temperature": 0.01, "rcs_min_pixels": 3000, "mic_block_size": 32, "mic_mask_ratio": 0.7,
-        "mic_lambda": 1.0,
+        "fd_classes": None, "fd_scale_min_ratio": 0.75, "rcs_temperature": 0.01, "rcs_min_pixels": 3000,
     }
+    assert dataclasses.asdict(MICConfig()) == {"block_size": 32, "mask_ratio": 0.7, "loss_weight": 1.0}
+    # FD's default classes: the label space's things, which for Cityscapes are the reference's train ids
+    assert CITYSCAPES.indices(CITYSCAPES.thing_classes) == (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
     o = OptimConfig()
     assert (o.lr, o.head_lr_mult, o.weight_decay, o.betas, o.warmup_iters, o.warmup_ratio, o.power, o.min_lr) == \
         (6e-5, 10.0, 0.01, (0.9, 0.999), 1500, 1e-6, 1.0, 0.0)
@@ -68,11 +71,18 @@ def test_every_constant_is_overridable_from_toml(caches, tmp_path):
     from ssr_train.training.config import load_config
 
     toml = tmp_path / "c.toml"
-    toml.write_text("[uda]\npseudo_threshold = 0.9\nmic_block_size = 16\nfd_classes = [11, 13]\n"
+    toml.write_text("[daformer]\npseudo_threshold = 0.9\nfd_classes = ['person', 'car']\n[mic]\nblock_size = 16\n"
                     "[optim]\nlr = 1e-4\n")
     cfg = load_config(toml)
-    assert cfg.uda.pseudo_threshold == 0.9 and cfg.uda.mic_block_size == 16 and cfg.uda.fd_classes == (11, 13)
-    assert cfg.optim.lr == 1e-4 and cfg.uda.ema_alpha == 0.999
+    daformer, mic = cfg.section("daformer"), cfg.section("mic")
+    assert daformer.pseudo_threshold == 0.9 and mic.block_size == 16 and daformer.fd_classes == ("person", "car")
+    assert cfg.optim.lr == 1e-4 and daformer.ema_alpha == 0.999
+    # a run saved before each method owned its config ([uda], FD classes as train ids) still loads
+    legacy = tmp_path / "legacy.toml"
+    legacy.write_text("[uda]\npseudo_threshold = 0.9\nmic_block_size = 16\nfd_classes = [11, 13]\n")
+    old = load_config(legacy)
+    assert old.section("daformer").pseudo_threshold == 0.9 and old.section("mic").block_size == 16
+    assert old.section("daformer").fd_classes == ("person", "car")
 
 
 def test_online_sam_and_cached_sam_give_the_same_source_loss(caches):
@@ -80,7 +90,7 @@ def test_online_sam_and_cached_sam_give_the_same_source_loss(caches):
     ds = CachedViewDataset(str(src), levels=["l16"])
     batch = collate_views([ds[i] for i in range(4)])
     torch.manual_seed(0)
-    model = build_model(TrainConfig().replace("model", backbone="mit_b0").model).eval()
+    model = build_model(TrainConfig().replace("model", backbone="mit_b0").model, num_classes=19).eval()
     online = SamFeatureSource("l16", online=True, encoder_name="vit_tiny", seed=0)
     cached = SamFeatureSource("l16")
     with torch.no_grad():

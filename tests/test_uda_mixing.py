@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
+from ssr_cache.image_norm import PIXEL_MEAN, PIXEL_STD
 from ssr_train.uda.classmix import classmix_masks, mix, mix_features, mixed_pixel_weight
 from ssr_train.uda.mic_mask import BlockMaskGenerator, block_size_for, mask_image
 from ssr_train.uda.strong_aug import (
-    PIXEL_MEAN,
-    PIXEL_STD,
     blur_kernel_size,
     gaussian_blur,
     hsv_to_rgb,

@@ -27,4 +27,5 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def tiny_train_args(src: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--source-cache", str(src), "--backbone", "mit_b0", "--out", str(out), "--workers", "0",
-            "--warmup-iters", "0", "--lr", "3e-4", "--log-every", "1", *extra]
+            "--warmup-iters", "0", "--lr", "3e-4", "--log-every", "1", "--backbone-checkpoint", "none",
+            "--device", "cpu", *extra]

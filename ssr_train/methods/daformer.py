@@ -1,131 +1,138 @@
-"""DAFormer (DACS self-training with EMA teacher, ClassMix, FD, RCS) and MIC, each with SSR.
+"""DAFormer (DACS self-training with EMA teacher, ClassMix, FD, RCS), with SSR.
 
 One iteration (the reference order):
-  1. source:  CE(plain) + CE(SSR-enhanced)                                   [+ FD on thing classes]
+  1. source:  CE(shadow) + CE(SSR-enhanced)                                  [+ FD on thing classes]
   2. teacher: EMA of the student; pseudo-labels on the target view, one confidence weight
-  3. mix:     ClassMix source onto target, colour jitter + blur; SAM tokens = the cached source and
-              target features mixed with the same mask (online mode: SAM on the mixed image itself)
-              CE(plain) + CE(enhanced) weighted by the mixed pixel weights
-  4. MIC:     the teacher's pseudo-labels on a block-masked, strongly augmented target view
+  3. mix:     ClassMix source onto target, colour jitter + blur; SAM tokens of the mixed image
+              CE(shadow) + CE(enhanced) weighted by the mixed pixel weights
+  4. extra target terms composed in by a subclass (MIC: the masked target view), summed into step 3's loss
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor
 
-from ssr_train.methods.sam_features import SamFeatureSource
+from ssr_cache.errors import SSRError
+from ssr_train.methods.contract import Method, MethodSetup, SourceDraw
 from ssr_train.methods.step_log import read_scalars
-from ssr_train.models.segmentor import segmentation_loss, ssr_loss
-from ssr_train.uda.classmix import classmix_masks, mix, mix_features, mixed_pixel_weight
+from ssr_train.models.segmentor import ssr_loss
+from ssr_train.training.settings import setting
+from ssr_train.uda.classmix import classmix_masks, mix, mixed_pixel_weight
 from ssr_train.uda.ema import make_teacher, teacher_train_mode, update_ema
 from ssr_train.uda.feature_distance import feature_distance_loss, imnet_features, make_imnet_model
-from ssr_train.uda.mic_mask import BlockMaskGenerator, block_size_for
 from ssr_train.uda.pseudo_label import pseudo_labels
+from ssr_train.uda.rare_class_sampling import RareClassSampler
 from ssr_train.uda.strong_aug import strong_transform
 
 
-class DAFormer(nn.Module):
+@dataclass(frozen=True)
+class DAFormerConfig:
+    """[daformer]: the DAFormer reference values (configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999)."""
+
+    ema_alpha: float = setting(0.999, "EMA teacher momentum cap: min(1 - 1/(it+1), ema_alpha).", min=0.0, max=1.0)
+    pseudo_threshold: float = setting(0.968, "Confidence a pseudo-label pixel must reach to count.",
+                                      min=0.0, max=1.0)
+    pseudo_ignore_top: int = setting(15, "Rows (of 512) of the target crop's top ignored.", min=0)
+    pseudo_ignore_bottom: int = setting(120, "Rows (of 512) of the target crop's bottom ignored.", min=0)
+    color_jitter_strength: float = setting(0.2, "Colour jitter strength s.", min=0.0)
+    color_jitter_prob: float = setting(0.2, "Colour jitter is applied when u > this.", min=0.0, max=1.0)
+    blur: bool = setting(True, "Gaussian blur in the strong augmentation.")
+    fd_lambda: float = setting(0.005, "ImageNet feature-distance weight (0: off).", min=0.0)
+    fd_classes: tuple[str, ...] | None = setting(None, "FD class names; default: the label space's thing "
+                                                 "classes (none: FD off).", unique=True)
+    fd_scale_min_ratio: float = setting(0.75, "Label downscale purity ratio for FD cells.", gt=0.0, max=1.0)
+    rcs_temperature: float = setting(0.01, "Rare-class sampling temperature (0: uniform sampling).", min=0.0)
+    rcs_min_pixels: int = setting(3000, "Pixels of a class an image needs to be drawn for it.", min=0)
+
+
+class DAFormer(Method):
     needs_target = True
-    use_mic = False
+    config_sections = {"daformer": DAFormerConfig}
 
-    def __init__(self, model: nn.Module, cfg, *, sam_level: str | None):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        u = cfg.uda
-        self.teacher = make_teacher(model)
-        self.imnet = make_imnet_model(model.backbone) if u.fd_lambda > 0 else None
-        m = cfg.model
-        self.sam = SamFeatureSource(sam_level, online=m.sam_source == "online", encoder_name=m.sam_encoder,
-                                    checkpoint=m.sam_checkpoint, seed=m.sam_seed, device=cfg.run.device)
+    def __init__(self, setup: MethodSetup, *, target_terms: tuple = ()) -> None:
+        super().__init__(setup)
+        self.settings = c = setup.settings["daformer"]
+        self.teacher = make_teacher(self.model)
+        names = setup.label_space.thing_classes if c.fd_classes is None else c.fd_classes
+        self.fd_classes = setup.label_space.indices(names)
+        self.num_classes = setup.label_space.num_classes
+        self.imnet = make_imnet_model(self.model.backbone) if c.fd_lambda > 0 and self.fd_classes else None
+        self.target_terms = list(target_terms)  # extra losses on the target view (MIC), see step 4
         # Each torchrun rank draws its own ClassMix / jitter / MIC masks.
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 12345 + int(os.environ.get("RANK", "0")))
-        self.masker = None
-        self._step_count = 0
+        self.generator = torch.Generator().manual_seed(setup.seed + 12345 + setup.rank)
 
-    def state_dict(self, *args, **kwargs):
-        sd = super().state_dict(*args, **kwargs)
-        sd["_generator_state"] = self.generator.get_state()
-        return sd
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        state_dict = dict(state_dict)
-        gen = state_dict.pop("_generator_state", None)
-        if gen is not None:
-            self.generator.set_state(gen)
-        return super().load_state_dict(state_dict, strict=strict)
-
-    def export_model(self) -> nn.Module:
-        return self.model
+    def source_sampler(self, store) -> SourceDraw | None:
+        c = self.settings
+        if not c.rcs_temperature:
+            return None
+        try:
+            sampler = RareClassSampler.from_store(store, temperature=c.rcs_temperature, min_pixels=c.rcs_min_pixels)
+        except ValueError as exc:
+            raise SSRError(f"rare-class sampling on {store.url}: {exc}") from None
+        return sampler.draw
 
     def step(self, it: int, source: dict, target: dict | None = None) -> dict[str, float]:
-        u = self.cfg.uda
-        log: dict[str, torch.Tensor] = {}  # read back once, at the end
+        log: dict[str, Tensor] = {}  # read back once, at the end
         # 2 (first, as DACS does): the EMA teacher follows the student of the previous iteration.
-        update_ema(self.teacher, self.model, it, u.ema_alpha)
+        update_ema(self.teacher, self.model, it, self.settings.ema_alpha)
+        loss_src = self._source_loss(source, log)
+        loss_src.backward()
+        pseudo_label, pseudo_weight = self._pseudo_labels(target["img"], log)
+        loss_tgt = self._mixed_loss(source, target, pseudo_label, pseudo_weight, log)
+        for term in self.target_terms:
+            loss_tgt = loss_tgt + term(self, target["img"], pseudo_label, pseudo_weight, log)
+        loss_tgt.backward()
+        log["loss"] = loss_src.detach() + loss_tgt.detach()
+        return read_scalars(log)
 
-        # 1. source
-        src_img, src_label = source["img"], source["label"]
-        out = self.model.forward_train(src_img, sam=self.sam.source(source))
-        src = ssr_loss(out, src_label, mean_over="all")
-        loss = src["total"]
+    def _source_loss(self, source: dict, log: dict) -> Tensor:
+        """Step 1: CE of both branches on the source view, plus FD towards the ImageNet features."""
+        c = self.settings
+        out = self.model.forward_train(source["img"], sam=self.sam.source(source))
+        src = ssr_loss(out, source["label"], mean_over="all")
         log["loss_src"] = src["loss_plain"]
         if src["loss_enhanced"] is not None:
             log["loss_src_ssr"] = src["loss_enhanced"]
+        loss = src["total"]
         if self.imnet is not None:
-            fd = feature_distance_loss(out["feats"][-1], imnet_features(self.imnet, src_img), src_label,
-                                       classes=u.fd_classes, scale_min_ratio=u.fd_scale_min_ratio,
-                                       num_classes=self.cfg.model.num_classes, lambda_=u.fd_lambda)
+            fd = feature_distance_loss(out["feats"][-1], imnet_features(self.imnet, source["img"]),
+                                       source["label"], classes=self.fd_classes,
+                                       scale_min_ratio=c.fd_scale_min_ratio, num_classes=self.num_classes,
+                                       lambda_=c.fd_lambda)
             loss = loss + fd
             log["loss_fd"] = fd
-        loss.backward()
+        return loss
 
-        # 2. pseudo-labels on the target view
-        tgt_img = target["img"]
+    def _pseudo_labels(self, tgt_img: Tensor, log: dict) -> tuple[Tensor, Tensor]:
+        """Step 2: the teacher's labels on the target view and the batch's one confidence weight."""
+        c = self.settings
         with torch.no_grad():
             teacher_train_mode(self.teacher)
             t_logits = self.teacher(tgt_img)
-        pl, pw = pseudo_labels(t_logits, threshold=u.pseudo_threshold, ignore_top=u.pseudo_ignore_top,
-                               ignore_bottom=u.pseudo_ignore_bottom, size=tuple(tgt_img.shape[2:]))
-        log["pseudo_weight"] = pw.max()
+        label, weight = pseudo_labels(t_logits, threshold=c.pseudo_threshold, ignore_top=c.pseudo_ignore_top,
+                                      ignore_bottom=c.pseudo_ignore_bottom, size=tuple(tgt_img.shape[2:]))
+        log["pseudo_weight"] = weight.max()
+        return label, weight
 
-        # 3. ClassMix + strong augmentation
-        gen = self.generator
-        mask = classmix_masks(src_label.cpu(), generator=gen).to(src_img.device)
-        mix_img = mix(mask, src_img, tgt_img)
-        mix_img = strong_transform(mix_img, generator=gen, color_jitter_s=u.color_jitter_strength,
-                                   color_jitter_p=u.color_jitter_prob, blur=u.blur)
-        mix_label = mix(mask, src_label, pl)
-        mix_weight = mixed_pixel_weight(mask, pw)
-        sam_mix = None
-        if self.sam.enabled:
-            sam_mix = self.sam.of_images(mix_img) if self.sam.online else \
-                mix_features(mask, self.sam.cached(source), self.sam.cached(target))
-        out_mix = self.model.forward_train(mix_img, sam=sam_mix)
-        mixed = ssr_loss(out_mix, mix_label, mix_weight, mean_over="all")
+    def strong_augment(self, img: Tensor, *, blur: bool) -> Tensor:
+        c = self.settings
+        return strong_transform(img, generator=self.generator, color_jitter_s=c.color_jitter_strength,
+                                color_jitter_p=c.color_jitter_prob, blur=blur)
+
+    def _mixed_loss(self, source: dict, target: dict, pseudo_label: Tensor, pseudo_weight: Tensor,
+                    log: dict) -> Tensor:
+        """Step 3: ClassMix of source onto target, strongly augmented, against the mixed labels."""
+        src_img, src_label = source["img"], source["label"]
+        mask = classmix_masks(src_label.cpu(), generator=self.generator).to(src_img.device)
+        mix_img = self.strong_augment(mix(mask, src_img, target["img"]), blur=self.settings.blur)
+        mix_label = mix(mask, src_label, pseudo_label)
+        mix_weight = mixed_pixel_weight(mask, pseudo_weight)
+        out = self.model.forward_train(mix_img, sam=self.sam.mixed(mask, source, target, mix_img))
+        mixed = ssr_loss(out, mix_label, mix_weight, mean_over="all")
         log["loss_mix"] = mixed["loss_plain"]
         if mixed["loss_enhanced"] is not None:
             log["loss_mix_ssr"] = mixed["loss_enhanced"]
-        loss_tgt = mixed["total"]
-
-        # 4. MIC: masked target view against the same pseudo-labels
-        if self.use_mic:
-            if self.masker is None:
-                self.masker = BlockMaskGenerator(u.mic_mask_ratio, block_size_for(tgt_img.shape[-1],
-                                                                                  base=u.mic_block_size))
-            aug = strong_transform(tgt_img, generator=gen, color_jitter_s=u.color_jitter_strength,
-                                   color_jitter_p=u.color_jitter_prob, blur=True)
-            masked = self.masker.mask_image(aug, generator=gen)
-            mic = u.mic_lambda * segmentation_loss(self.model(masked), pl, pw, mean_over="all")
-            loss_tgt = loss_tgt + mic
-            log["loss_mic"] = mic
-        loss_tgt.backward()
-        log["loss"] = loss.detach() + loss_tgt.detach()
-        return read_scalars(log)
-
-
-class MIC(DAFormer):
-    use_mic = True
+        return mixed["total"]

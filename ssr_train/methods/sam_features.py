@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from ssr_cache.errors import SSRError
+from ssr_train.uda.classmix import mix_features
 
 
 class SamFeatureSource:
-    """`cached(batch)` reads the batch's stored level; `of_images(img)` runs SAM (online mode only)."""
+    """The one object that decides where SAM tokens come from. `source(batch)` / `mixed(...)` give a method
+    its tokens; `cached(batch)` reads the stored level; `of_images(img)` runs SAM (online mode only)."""
 
     def __init__(self, level: str | None, *, online: bool = False, encoder_name: str = "vit_b",
                  checkpoint: str | None = None, seed: int = 0, device: torch.device | str = "cpu"):
@@ -38,6 +40,16 @@ class SamFeatureSource:
         return out[self.level].to(img.device)
 
     def source(self, batch: dict) -> Tensor | None:
+        """Tokens of a batch's own images."""
         if not self.enabled:
             return None
         return self.of_images(batch["img"]) if self.online else self.cached(batch)
+
+    def mixed(self, mask: Tensor, source: dict, target: dict, mixed_img: Tensor) -> Tensor | None:
+        """Tokens of a ClassMix image: SAM on the mixed image itself (online), or the cached source and
+        target tokens mixed with the same mask (cache)."""
+        if not self.enabled:
+            return None
+        if self.online:
+            return self.of_images(mixed_img)
+        return mix_features(mask, self.cached(source), self.cached(target))

@@ -14,16 +14,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ssr_cache.errors import SSRError
-
-# mmseg's ImageNet normalisation, which is also SAM's pixel_mean / pixel_std.
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+from ssr_cache.image_norm import normalize
+from ssr_cache.store.feature_store import FeatureStore
 
 
-def normalize(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (H,W,3) → float32 (3,H,W), mmseg/SAM normalisation."""
-    x = (pixels.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def normalized_chw(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H,W,3) → float32 (3,H,W), the one mmseg/SAM normalisation."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None])[0]
 
 
 def photometric_distortion(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -60,8 +57,6 @@ class CachedViewDataset(Dataset):
     def store(self):
         # Opened lazily so each DataLoader worker has its own handle.
         if self._store is None:
-            from ssr_cache.store.feature_store import FeatureStore
-
             self._store = FeatureStore.open(self.url, mode="r")
         return self._store
 
@@ -75,7 +70,12 @@ class CachedViewDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         index, aug_seed = key if isinstance(key, tuple) else (key, 0)
-        view = self.store.read_view(int(index), levels=self.levels)
+        try:
+            view = self.store.read_view(int(index), levels=self.levels)
+        except Exception as exc:  # zarr/codec errors come in many types; a checksum failure is one of them
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise SSRError(f"{self.url}: view {int(index)} cannot be read ({reason}); run "
+                           f"`ssr cache verify {self.url}`") from None
         pixels, label = view["pixels"], view["label"]
         feats = view["features"]
         rng = np.random.default_rng(aug_seed)
@@ -85,7 +85,7 @@ class CachedViewDataset(Dataset):
         if self.photometric:
             pixels = photometric_distortion(pixels, rng)
         return {
-            "img": normalize(pixels),
+            "img": normalized_chw(pixels),
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
             "sam": {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in feats.items()},
             "class_counts": torch.from_numpy(np.asarray(view["class_counts"], np.int64)),

@@ -1,24 +1,80 @@
-"""Atomic training checkpoints (write to a temp file, fsync, rename) and their loading."""
+"""Checkpoints: written atomically and only when every tensor is finite; read by one loader
+(`weights_only=True`, a one-line error for a missing, corrupt or non-finite file) that training resume,
+evaluation and prediction all use."""
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ssr_cache.atomic_file import write_atomic
 from ssr_cache.errors import SSRError
 
+# Training checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state as an
+# ndarray; these are the only non-tensor globals such a file needs (nothing executable).
+_LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
-def save_atomic(obj: dict, path: str | Path) -> None:
-    write_atomic(path, lambda handle: torch.save(obj, handle), fsync=True)
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]")
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def non_finite_tensors(obj: Any) -> list[str]:
+    """Names of the floating-point tensors in `obj` (nested dicts/lists) holding NaN or Inf."""
+    return [name for name, t in _tensors(obj)
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+
+
+def _refuse_non_finite(obj: Any, path: Path, verb: str) -> None:
+    bad = non_finite_tensors(obj)
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SSRError(f"{verb} {path}: {len(bad)} tensor(s) hold NaN/Inf, e.g. {bad[0]}{more}")
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Write `obj` atomically (temp file, fsync, rename); refuses, writing nothing, when a tensor is not finite."""
+    path = Path(path)
+    _refuse_non_finite(obj, path, "not writing")
+    write_atomic(path, lambda handle: torch.save(obj, handle), fsync=True, what="checkpoint")
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """The object in a torch file, on the CPU, loaded with weights_only=True. Missing, unreadable, foreign
+    (needs code to unpickle) or non-finite files are one-line SSRErrors."""
     path = Path(path)
     if not path.is_file():
         raise SSRError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise SSRError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SSRError(f"{path} is not a checkpoint ssr can read safely (it needs arbitrary code to load)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SSRError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
+    _refuse_non_finite(obj, path, "refusing")
+    return obj
+
+
+def unwrap_state_dict(obj: Any) -> Any:
+    """The state dict inside a checkpoint: {"state_dict": …} (ours, mmseg) or {"model": …} (timm,
+    DeiT), else `obj` itself."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    return obj

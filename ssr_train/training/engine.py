@@ -1,31 +1,41 @@
-"""The training loop: data streams, optimiser + poly schedule, AMP, DDP gradient averaging,
-JSONL metrics (+ TensorBoard when installed), atomic checkpoints, exact resume, NaN guard."""
+"""The training loop, nanoGPT-style: lr, batch, method step, guard, optimiser step, log, checkpoint,
+evaluate. The method does the algorithm (methods/contract.py); the engine names no method.
+
+Around the loop: a run folder that is fresh or resumed exactly (run_folder.py), DDP gradient averaging,
+AMP, a NaN guard that stops before the optimiser step, checkpoints that are never non-finite, validation
+on isolated random streams (best.pth), metrics.jsonl + TensorBoard.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from rich.console import Console
 
-from ssr_cache.distributed import rank_device, rank_info
+from ssr_cache.data.datasets import open_dataset
+from ssr_cache.distributed import rank_info
 from ssr_cache.errors import SSRError
-from ssr_train.training.cached_views import (
-    CachedViewDataset,
-    ViewStreamSampler,
-    batch_to_device,
-    collate_views,
-)
-from ssr_train.training.checkpoint import load_checkpoint, save_atomic
+from ssr_cache.progress import progress_bar
+from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
+from ssr_train.infer.evaluate import evaluate
+from ssr_train.methods import METHODS
+from ssr_train.methods.contract import MethodSetup
+from ssr_train.methods.sam_features import SamFeatureSource
+from ssr_train.models.model_factory import build_model, sam_level_name
+from ssr_train.training import run_folder
+from ssr_train.training.cached_views import batch_to_device
+from ssr_train.training.checkpoint import load_checkpoint, save_checkpoint
 from ssr_train.training.config import TrainConfig, save_config
+from ssr_train.training.metrics_log import MetricsLog
 from ssr_train.training.optim import build_optimizer, poly_lr, set_lr
+from ssr_train.training.train_data import Stores, next_batch, open_stores, stream
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class TrainResult:
     iters: int
     last_losses: dict
     first_losses: dict
+    is_main: bool = True  # rank 0 (the process that prints)
+    already_finished: bool = False
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
@@ -59,110 +71,251 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def check_store_compat(source, target, cfg: TrainConfig) -> None:
-    """Stores must be trainable together: labelled source, same encoder, crop and levels."""
-    sfp = source.fingerprint
-    if sfp.get("domain") != 0:
-        raise SSRError(f"{cfg.data.source_cache} is not a labelled source cache (dataset {sfp.get('dataset')})")
-    if target is None:
-        return
-    tfp = target.fingerprint
-    for key in ("encoder", "crop", "levels", "feature_dtype"):
-        if sfp.get(key) != tfp.get(key):
-            raise SSRError(f"source and target caches disagree on {key}: {sfp.get(key)} vs {tfp.get(key)}")
+@contextmanager
+def isolated_random_streams(device: torch.device):
+    """Everything drawn inside (an evaluation's loader, say) leaves every global random stream as it was,
+    so training continues exactly as it would have without it."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        yield
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+def _backbone_init(cfg: TrainConfig) -> str:
+    checkpoint = cfg.model.backbone_checkpoint
+    if checkpoint is None:
+        raise SSRError(f"no --backbone-checkpoint: the reference starts {cfg.model.backbone} from ImageNet "
+                       "weights (SegFormer's mit_b5.pth for mit_b5); pass that file, or `--backbone-checkpoint "
+                       "none` to train from random initialisation")
+    return "random" if checkpoint == "none" else checkpoint
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, console=None, progress: bool = True):
-        from rich.console import Console
-
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 console: Console | None = None, progress: bool = True):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.console = console or Console()
         self.progress = progress
+        self.backbone_init = _backbone_init(cfg)
         ranks = rank_info()  # the same torchrun handling as the cache build
         self.rank, self.world = ranks.rank, ranks.world_size
-        device = rank_device(cfg.run.device, ranks)  # torchrun: 'cuda' means this rank's GPU
-        if device.startswith("cuda:") and self.world > 1:
+        device = resolve_device(cfg.run.device)
+        if device.type == "cuda" and self.world > 1 and device.index is None:
+            device = torch.device(f"cuda:{ranks.local_rank}")  # torchrun: 'cuda' means this rank's GPU
             torch.cuda.set_device(device)
-        self.device = torch.device(device)
+        self.device = device
+        self.threads = set_cpu_threads(cfg.run.threads) if device.type == "cpu" else None
+        self.precision = "fp32" if device.type != "cuda" else (cfg.run.amp or "bf16")
         self.run_dir = Path(cfg.run.out)
+        self.best_miou: float | None = None
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            self.console.print(text, highlight=False)
 
     # ------------------------------------------------------------ setup
 
-    def _open_data(self, start_iter: int):
-        from ssr_cache.store.feature_store import FeatureStore
-
-        cfg = self.cfg
-        if not cfg.data.source_cache:
-            raise SSRError("--source-cache is required")
-        source = FeatureStore.open(cfg.data.source_cache, mode="r")
-        target = FeatureStore.open(cfg.data.target_cache, mode="r") if cfg.data.target_cache else None
-        check_store_compat(source, target, cfg)
-        if source.done_mask().sum() < source.layout.n_views:
-            raise SSRError(f"{cfg.data.source_cache} is not fully built; re-run `ssr cache build` to finish it")
-        from ssr_train.models.model_factory import sam_level_name
-
-        self.sam_level = sam_level_name(cfg.model, list(source.layout.levels)) if cfg.model.ssr else None
-        # Online mode computes SAM tokens in the loop, so the stores' feature arrays are not read.
-        levels = [self.sam_level] if self.sam_level and cfg.model.sam_source == "cache" else []
-        self.sam_channels = source.layout.channels
-        self.eval_resize = tuple((target or source).fingerprint["plan"]["resize"])
-        loaders = {}
-        for name, store, url in (("source", source, cfg.data.source_cache), ("target", target, cfg.data.target_cache)):
-            if store is None:
-                continue
-            ds = CachedViewDataset(url, levels=levels, flip=cfg.data.flip,
-                                   photometric=cfg.data.photometric and name == "source")
-            sampler = ViewStreamSampler(len(ds), batch_size=cfg.data.batch_size,
-                                        seed=cfg.run.seed + (0 if name == "source" else 1),
-                                        rank=self.rank, world_size=self.world, start_iter=start_iter,
-                                        draw=self.method_sampler_draw(name, store))
-            loaders[name] = DataLoader(ds, batch_size=cfg.data.batch_size, sampler=sampler,
-                                       num_workers=cfg.data.workers, collate_fn=collate_views,
-                                       pin_memory=self.device.type == "cuda",
-                                       # own generator: creating the iterator must not draw from the global
-                                       # RNG, or a resumed run would be one draw off the uninterrupted one
-                                       generator=torch.Generator().manual_seed(cfg.run.seed),
-                                       persistent_workers=cfg.data.workers > 0)
-        return source, target, loaders
-
-    def method_sampler_draw(self, name: str, store):
-        """Rare-class sampling of source views for the UDA methods (DAFormer RCS), from stored counts."""
-        u = self.cfg.uda
-        if name != "source" or self.cfg.run.method == "source-only" or not u.rcs_temperature:
+    def _open_run_folder(self) -> dict | None:
+        """A fresh folder (None) or the checkpoint to resume from."""
+        if not self.resume:
+            if self.rank == 0:
+                run_folder.prepare_fresh(self.run_dir, overwrite=self.overwrite)
             return None
-        from ssr_train.uda.rare_class_sampling import RareClassSampler
+        run_folder.check_resumable(self.run_dir, self.cfg)
+        if self.rank == 0:
+            run_folder.remove_leftover_temp_files(self.run_dir)
+        return load_checkpoint(self.run_dir / "latest.pth")  # read once: weights, optimiser and RNGs
 
-        return RareClassSampler.from_store(store, temperature=u.rcs_temperature, min_pixels=u.rcs_min_pixels).draw
-
-    def _build(self):
-        from ssr_train.methods import METHODS
-        from ssr_train.models.model_factory import build_model
-
+    def _build(self, stores: Stores):
         cfg = self.cfg
-        if cfg.run.method not in METHODS:
-            raise SSRError(f"unknown method {cfg.run.method!r}; choose one of {', '.join(METHODS)}")
+        source = stores.source
+        sam_level = sam_level_name(cfg.model, list(source.layout.levels)) if cfg.model.ssr else None
+        sam = SamFeatureSource(sam_level, online=cfg.model.sam_source == "online",
+                               encoder_name=cfg.model.sam_encoder, checkpoint=cfg.model.sam_checkpoint,
+                               seed=cfg.model.sam_seed, device=self.device)
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, sam_channels=self.sam_channels).to(self.device)
-        method = METHODS[cfg.run.method](model, cfg, sam_level=self.sam_level).to(self.device)
-        optimizer = build_optimizer(model, cfg.optim)
-        return model, method, optimizer
+        model = build_model(cfg.model, num_classes=stores.label_space.num_classes,
+                            sam_channels=source.layout.channels).to(self.device)
+        setup = MethodSetup(model=model, sam=sam, label_space=stores.label_space, settings=cfg.methods,
+                            seed=cfg.run.seed, rank=self.rank)
+        method = METHODS[cfg.run.method](setup).to(self.device)
+        if method.needs_target and stores.target is None:
+            raise SSRError(f"--method {cfg.run.method} needs --target-cache")
+        # Online mode computes SAM tokens in the loop, so the stores' feature arrays are not read.
+        self.levels = [sam_level] if sam_level and cfg.model.sam_source == "cache" else []
+        return model, method, build_optimizer(model, cfg.optim)
+
+    def _streams(self, stores: Stores, method, start: int) -> tuple:
+        cfg, pin = self.cfg, self.device.type == "cuda"
+        common = dict(levels=self.levels, rank=self.rank, world=self.world, start_iter=start, pin_memory=pin)
+        source = stream(cfg.data.source_cache, stores.source, cfg, seed=cfg.run.seed, photometric=cfg.data.photometric,
+                        draw=method.source_sampler(stores.source), **common)
+        target = None
+        if stores.target is not None and method.needs_target:
+            target = stream(cfg.data.target_cache, stores.target, cfg, seed=cfg.run.seed + 1, photometric=False,
+                            draw=None, **common)
+        return iter(source), iter(target) if target is not None else None
+
+    def _record_run(self, stores: Stores) -> None:
+        if self.rank != 0:
+            return
+        save_config(self.cfg, self.run_dir / "config.toml")
+        sam_random = (self.cfg.model.sam_checkpoint is None if self.cfg.model.sam_source == "online"
+                      else stores.sam_random_init)
+        run_folder.RunRecord(label_space=stores.label_space.to_dict(), backbone_init=self.backbone_init,
+                             sam_random_init=bool(self.cfg.model.ssr and sam_random),
+                             source_cache=self.cfg.data.source_cache,
+                             target_cache=self.cfg.data.target_cache).write(self.run_dir)
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.say(runtime_line(self.device, precision=self.precision, threads=self.threads,
+                              backbone=f"{cfg.model.backbone} ({self.backbone_init})"))
+        _seed_everything(cfg.run.seed + self.rank, cfg.run.deterministic)
+        ckpt = self._open_run_folder()
+        start = int(ckpt["iteration"]) if ckpt else 0
+        if start >= cfg.run.iters:
+            self.say(f"{self.run_dir} already finished ({start} of {cfg.run.iters} iterations); nothing to do")
+            return TrainResult(self.run_dir, start, dict(ckpt.get("losses", {})), {}, self.rank == 0, True)
+        self.stores = stores = open_stores(cfg)
+        # recorded resolved, so a run's config alone rebuilds its model (evaluation, export)
+        self.cfg = cfg = cfg.replace("model", num_classes=stores.label_space.num_classes)
+        model, method, optimizer = self._build(stores)
+        if ckpt:
+            start = self._restore(ckpt, method, optimizer)
+            del ckpt
+        else:
+            self._record_run(stores)
+        src_iter, tgt_iter = self._streams(stores, method, start)
+        params = [p for p in model.parameters() if p.requires_grad]
+        metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, resume_from=start if self.resume else None)
+        first, losses = {}, {}
+        with metrics, self._progress_bar(start) as bar:
+            for it in range(start, cfg.run.iters):
+                lr = poly_lr(it, cfg.run.iters, cfg.optim)
+                set_lr(optimizer, lr)
+                src = batch_to_device(next_batch(src_iter), self.device)
+                tgt = batch_to_device(next_batch(tgt_iter), self.device) if tgt_iter is not None else None
+                method.train()
+                optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    losses = method.step(it, src, tgt)
+                losses = self._guard(it, losses, params)  # stops here, before the step, on NaN/Inf
+                optimizer.step()
+                first = first or dict(losses)
+                self._after_step(it + 1, lr, losses, method, optimizer, metrics, bar)
+        return TrainResult(self.run_dir, cfg.run.iters, losses, first, self.rank == 0)
+
+    def _guard(self, it: int, losses: dict, params: list) -> dict:
+        """Average gradients (DDP) and the logged scalars over ranks, add the gradient norm (clipped when
+        configured), and stop before the optimiser step when anything is not finite."""
+        if self.world > 1:
+            _average_gradients(params, self.world)
+        grads = [p.grad for p in params if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
+        losses = {**losses, "grad_norm": float(norm)}
+        if self.world > 1:
+            values = torch.tensor(list(losses.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            losses = dict(zip(losses, (values / self.world).tolist(), strict=True))
+        bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise SSRError(f"non-finite loss or gradient at iteration {it + 1} ({', '.join(bad)}); stopped before "
+                           f"the optimiser step; {self._last_checkpoint()}")
+        return losses
+
+    def _last_checkpoint(self) -> str:
+        latest = self.run_dir / "latest.pth"
+        if latest.is_file():
+            return f"the last checkpoint is {latest} (finite; lower the learning rate before training again)"
+        return f"no checkpoint was written yet (every {self.cfg.run.checkpoint_every} iterations)"
+
+    def _after_step(self, done: int, lr: float, losses: dict, method, optimizer, metrics, bar) -> None:
+        run = self.cfg.run
+        last = done == run.iters
+        if done % run.log_every == 0 or last:
+            metrics.write({"iter": done, "lr": lr, **losses})
+        if done % run.checkpoint_every == 0 or last:
+            self._save(done, method, optimizer, losses)
+        if run.val_every and (done % run.val_every == 0 or last):
+            self._validate(method, done, metrics)
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=done,
+                       info=" ".join(f"{k} {v:.3f}" for k, v in losses.items() if k.startswith("loss")))
+
+    @contextmanager
+    def _progress_bar(self, start: int):
+        if not self.progress or self.rank != 0:
+            yield None
+            return
+        bar = progress_bar(self.cfg.run.method, unit="it", console=self.console)
+        bar.add_task("", total=self.cfg.run.iters, completed=start, info="")
+        with bar:
+            yield bar
+
+    def _autocast(self):
+        if self.device.type != "cuda" or self.precision == "fp32":
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+
+    # ------------------------------------------------------------ validation
+
+    def _validate(self, method, it: int, metrics) -> None:
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        root = cfg.run.val_data_root
+        store = self.stores.target or self.stores.source
+        if root is None and store.data_root is not None:
+            root = str(store.data_root)
+        if root is None:
+            raise SSRError(f"--val-every: {store.url} records no dataset root to validate on; pass "
+                           "--val-data-root")
+        with isolated_random_streams(self.device):
+            dataset = open_dataset(store.dataset, root, split="val", require_labels=True)
+            result = evaluate(method.shadow_model(), dataset, resize=store.resize, device=self.device,
+                              workers=0, progress=False, label_space=store.label_space)
+        method.train()
+        metrics.write({"iter": it, "val_miou": result.miou})
+        self.say(f"iteration {it}: {store.dataset} val mIoU {result.miou:.2f}")
+        if self.best_miou is None or result.miou > self.best_miou:
+            self.best_miou = result.miou
+            save_checkpoint({**self._export(method, it), "val_miou": result.miou}, self.run_dir / "best.pth")
 
     # ------------------------------------------------------------ checkpoints
 
     def _rng_state(self, method) -> dict:
-        """This rank's random streams: the global ones and the method's own augmentation generator."""
-        generator = getattr(method, "generator", None)
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        """This rank's random streams: the global ones and the method's own. All tensors or plain Python
+        values, so the checkpoint loads with weights_only=True."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
                 # this rank's GPU only: asking for every device's state would touch every GPU from every rank
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "method_generator": generator.get_state() if generator is not None else None}
+                "method_generator": method.random_state()}
 
-    def _checkpoint_state(self, it: int, method, optimizer, losses: dict, rng_per_rank: list[dict]) -> dict:
-        return {"iteration": it, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
-                "config": self.cfg.to_dict(), "losses": losses}
+    def _set_rng_state(self, rng: dict, method) -> None:
+        torch.set_rng_state(rng["torch"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            if isinstance(rng["cuda"], list):  # checkpoints before per-rank states held every device's
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            else:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        method.set_random_state(rng.get("method_generator"))
+
+    def _export(self, method, it: int) -> dict:
+        return {"state_dict": method.shadow_model().shadow_state_dict(), "config": self.cfg.to_dict(),
+                "iteration": it}
 
     def _save(self, it: int, method, optimizer, losses: dict) -> None:
         # Every rank's random streams differ (seeded seed + rank), so rank 0 collects them all: a resumed
@@ -173,179 +326,24 @@ class Trainer:
             dist.all_gather_object(rng_per_rank, self._rng_state(method))
         if self.rank != 0:
             return
-        save_atomic(self._checkpoint_state(it, method, optimizer, losses, rng_per_rank), self.run_dir / "latest.pth")
-        export = {"state_dict": method.export_model().shadow_state_dict(), "config": self.cfg.to_dict(),
-                  "iteration": it}
-        save_atomic(export, self.run_dir / "model.pth")
+        state = {"iteration": it, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng_per_rank": rng_per_rank, "config": self.cfg.to_dict(), "losses": losses,
+                 "best_val_miou": self.best_miou}
+        save_checkpoint(state, self.run_dir / "latest.pth")
+        save_checkpoint(self._export(method, it), self.run_dir / "model.pth")
 
     def _restore(self, ckpt: dict, method, optimizer) -> int:
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iteration = int(ckpt["iteration"])
+        self.best_miou = ckpt.get("best_val_miou")
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         if len(per_rank) == self.world:
             self._set_rng_state(per_rank[self.rank], method)
         else:
             # Another world size: the streams cannot continue exactly; give each rank fresh, distinct ones.
-            if self.rank == 0:
-                self.console.print(f"[yellow]resuming a {len(per_rank)}-rank checkpoint on {self.world} ranks: "
-                                   "training continues, but not bit-exactly as the original run would have")
+            self.say(f"[yellow]resuming a {len(per_rank)}-rank checkpoint on {self.world} ranks: training "
+                     "continues, but not bit-exactly as the original run would have")
             _seed_everything(self.cfg.run.seed + 1_000_003 * iteration + self.rank, self.cfg.run.deterministic)
-            generator = getattr(method, "generator", None)
-            if generator is not None:
-                generator.manual_seed(int(torch.randint(2**62, ())))
+            method.reseed(int(torch.randint(2**62, ())))
         return iteration
-
-    def _set_rng_state(self, rng: dict, method) -> None:
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            if isinstance(rng["cuda"], list):  # checkpoints before per-rank states held every device's
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            else:
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        generator = getattr(method, "generator", None)
-        if generator is not None and rng.get("method_generator") is not None:
-            generator.set_state(rng["method_generator"])
-
-    # ------------------------------------------------------------ the loop
-
-    def train(self) -> TrainResult:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        start = 0
-        if self.resume and not (self.run_dir / "latest.pth").is_file():
-            raise SSRError(f"--resume: {self.run_dir} has no checkpoint (latest.pth)")
-        if not self.resume and (self.run_dir / "latest.pth").is_file():
-            raise SSRError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        _seed_everything(cfg.run.seed + self.rank, cfg.run.deterministic)
-        if self.resume:
-            ckpt = load_checkpoint(self.run_dir / "latest.pth")  # read once: weights, optimiser and RNGs
-            start = int(ckpt["iteration"])
-        source, target, loaders = self._open_data(start)
-        model, method, optimizer = self._build()
-        if self.resume:
-            start = self._restore(ckpt, method, optimizer)
-            del ckpt
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.toml")
-        if method.needs_target and "target" not in loaders:
-            raise SSRError(f"--method {cfg.run.method} needs --target-cache")
-        metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, resume_from=start if self.resume else None)
-        src_iter = iter(loaders["source"])
-        tgt_iter = iter(loaders["target"]) if "target" in loaders else None
-        params = [p for p in model.parameters() if p.requires_grad]
-        autocast = self._autocast()
-        first, losses = {}, {}
-        bar = self._progress()
-        t_last = t_start = time.perf_counter()
-        try:
-            if bar:
-                bar.start()
-                task = bar.add_task("train", total=cfg.run.iters, completed=start, info="", rate="")
-            for it in range(start, cfg.run.iters):
-                lr = poly_lr(it, cfg.run.iters, cfg.optim)
-                set_lr(optimizer, lr)
-                src = batch_to_device(next(src_iter), self.device)
-                tgt = batch_to_device(next(tgt_iter), self.device) if tgt_iter is not None else None
-                method.train()
-                optimizer.zero_grad(set_to_none=True)
-                with autocast:
-                    losses = method.step(it, src, tgt)
-                if not all(math.isfinite(v) for v in losses.values()):
-                    bad = ", ".join(f"{k}={v}" for k, v in losses.items() if not math.isfinite(v))
-                    raise SSRError(f"non-finite loss at iteration {it} ({bad}); stopped, the last good "
-                                   f"checkpoint is {self.run_dir / 'latest.pth'}")
-                if self.world > 1:
-                    _average_gradients(params, self.world)
-                if cfg.optim.grad_clip:
-                    losses["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-                optimizer.step()
-                first = first or dict(losses)
-                done = it + 1
-                if done % cfg.run.log_every == 0 or done == cfg.run.iters:
-                    now = time.perf_counter()
-                    metrics.write({"iter": done, "lr": lr, **losses,
-                                   "sec_per_iter": (now - t_last) / min(cfg.run.log_every, done - start)})
-                    t_last = now
-                if done % cfg.run.checkpoint_every == 0 or done == cfg.run.iters:
-                    self._save(done, method, optimizer, losses)
-                if cfg.run.val_every and done % cfg.run.val_every == 0:
-                    self._validate(method, done, metrics)
-                if bar:
-                    rate = (done - start) / max(time.perf_counter() - t_start, 1e-9)
-                    bar.update(task, completed=done, rate=f"{rate:.2f} it/s",
-                               info=" ".join(f"{k}={v:.3f}" for k, v in losses.items() if k.startswith("loss")))
-        finally:
-            if bar:
-                bar.stop()
-            metrics.close()
-        return TrainResult(self.run_dir, cfg.run.iters, losses, first)
-
-    def _validate(self, method, it: int, metrics) -> None:
-        from ssr_cache.data.datasets import open_dataset
-        from ssr_train.infer.evaluate import evaluate
-
-        if self.rank != 0 or not self.cfg.run.val_data_root:
-            return
-        ds = open_dataset("cityscapes", self.cfg.run.val_data_root, split="val", require_labels=True)
-        result = evaluate(method.export_model(), ds, resize=self.eval_resize, device=self.device,
-                          workers=0, progress=False)
-        method.train()
-        metrics.write({"iter": it, "val_miou": result.miou})
-        self.console.print(f"iter {it}: target val mIoU {result.miou:.2f}")
-
-    def _autocast(self):
-        amp = self.cfg.run.amp
-        if self.device.type != "cuda" or amp == "fp32":
-            return torch.autocast("cpu", enabled=False)
-        dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-
-    def _progress(self):
-        if not self.progress or self.rank != 0:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        return Progress(TextColumn(f"[bold]{self.cfg.run.method}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), console=self.console)
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) + TensorBoard scalars when tensorboard is installed."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_from: int | None):
-        self.enabled = enabled
-        path = run_dir / "metrics.jsonl"
-        if enabled and resume_from is not None and path.is_file():
-            # Lines a killed run logged after its last checkpoint are replayed by the resumed run: drop them.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iter", 0) <= resume_from]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.fh = open(path, "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # tensorboard not installed: JSONL only
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "iter" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["iter"])
-
-    def close(self) -> None:
-        if self.fh:
-            self.fh.close()
-        if self.tb is not None:
-            self.tb.close()

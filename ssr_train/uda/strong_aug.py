@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)  # mmseg ImageNet normalisation, 0-255 units
-PIXEL_STD = (58.395, 57.12, 57.375)
+from ssr_cache.image_norm import PIXEL_MEAN, PIXEL_STD
 
 
 def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
