@@ -131,15 +131,9 @@ def test_config_file_errors_name_the_key(caches, tmp_path):
 
 def test_unwritable_out_folder_is_one_line(caches, tmp_path):
     src, _ = caches
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        assert "cannot write" in fails(tiny_train_args(src, locked / "run", "--iters", "1"))
-    finally:
-        locked.chmod(0o700)
+    (tmp_path / "a_file").write_text("x")
+    assert "cannot write there" in fails(tiny_train_args(src, tmp_path / "a_file" / "run", "--iters", "1"))
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 # ---------------------------------------------------------------- resume: exact or refused
@@ -261,9 +255,10 @@ def test_a_corrupt_chunk_is_one_line_naming_store_view_and_verify(caches, tmp_pa
     damaged = _damaged_copy(src, tmp_path)
     chunk = next(p for p in sorted((damaged / "labels").rglob("*")) if p.is_file() and "/c/" in str(p))
     data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    for at in range(64, len(data), 64):  # the file is a shard of per-view chunks: damage every one
+        data[at] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    message = fails(tiny_train_args(damaged, tmp_path / "run", "--iters", "4", "--no-ssr"))
+    message = fails(tiny_train_args(damaged, tmp_path / "run", "--iters", "6", "--no-ssr"))
     assert str(damaged) in message and "view" in message and "ssr cache verify" in message
 
 

@@ -49,7 +49,13 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Write `obj` atomically (temp file, fsync, rename); refuses, writing nothing, when a tensor is not finite."""
     path = Path(path)
     _refuse_non_finite(obj, path, "not writing")
-    write_atomic(path, lambda handle: torch.save(obj, handle), fsync=True, what="checkpoint")
+    def write(handle) -> None:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (disk full) this way
+            raise OSError(f"the write failed, disk full? ({str(exc).splitlines()[0]})") from None
+
+    write_atomic(path, write, fsync=True, what="checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> Any:
@@ -61,8 +67,10 @@ def load_checkpoint(path: str | Path) -> Any:
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SSRError(f"{path} is not a checkpoint ssr can read safely (it needs arbitrary code to load)") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a pickle of arbitrary objects, not a torn file
+            raise SSRError(f"{path} is not a checkpoint ssr can read safely (it needs arbitrary code to load)") from None
+        raise SSRError(f"cannot read checkpoint {path} (truncated or corrupt?)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SSRError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
