@@ -41,6 +41,7 @@ from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
 from ssr_cache.build.pipeline import build_cache
+from ssr_cache.data.label_space import CITYSCAPES
 from ssr_cache.data.synthetic import synthesize
 from ssr_cache.sam_encoder import get_encoder_config
 from ssr_cache.store.feature_store import FeatureStore
@@ -49,6 +50,7 @@ from ssr_train.training.cached_views import CachedViewDataset, batch_to_device, 
 from ssr_train.training.config import TrainConfig
 from ssr_train.training.engine import Trainer, _seed_everything
 from ssr_train.training.optim import poly_lr, set_lr
+from ssr_train.training.train_data import open_stores
 
 VARIANTS = {"plain": (False, "cache"), "ssr_cache": (True, "cache"), "ssr_online": (True, "online")}
 GOALS = {"ssr_cache_over_plain": 1.35, "ssr_cache_over_online": 0.5}
@@ -130,7 +132,7 @@ def train_config(args: argparse.Namespace, urls: dict[str, Path], work: Path, ss
                  ) -> TrainConfig:
     cfg = TrainConfig()
     cfg = cfg.replace("run", method="daformer", device=args.device, seed=SEED, out=str(work / "runs"))
-    cfg = cfg.replace("model", backbone=args.backbone, head_embed_dim=args.head_dim, ssr=ssr,
+    cfg = cfg.replace("model", backbone=args.backbone, backbone_checkpoint="none", head_embed_dim=args.head_dim, ssr=ssr,
                       sam_source=sam_source, sam_encoder=args.sam, sam_seed=SEED)
     return cfg.replace("data", source_cache=str(urls["source"]), target_cache=str(urls["target"]),
                        batch_size=args.batch_size, workers=0)
@@ -160,10 +162,8 @@ class Variant:
         self.device = args.device
         self.trainer = Trainer(train_config(args, urls, work, ssr, sam_source), progress=False,
                                console=Console(quiet=True))
-        # What Trainer._open_data sets before Trainer._build (the stores are already open in our hands).
-        self.trainer.sam_level = level if ssr else None
-        self.trainer.sam_channels = channels
-        self.model, self.method, self.optimizer = self.trainer._build()
+        self.trainer.stores = open_stores(self.trainer.cfg)
+        self.model, self.method, self.optimizer = self.trainer._build(self.trainer.stores)
         self.autocast = self.trainer._autocast()
         self.it = 0
         self.losses: dict[str, float] = {}
@@ -300,7 +300,7 @@ def step_flops(args: argparse.Namespace, channels: int, grid: int) -> dict[str, 
     b, cfg = args.batch_size, get_encoder_config(args.sam)
     with torch.device("meta"):
         model = build_model(ModelConfig(backbone=args.backbone, head_embed_dim=args.head_dim, ssr=True),
-                            sam_channels=channels).train()
+                            num_classes=CITYSCAPES.num_classes, sam_channels=channels).train()
         encoder = build_sam_encoder(args.sam, seed=SEED, device="meta")
         img, sam = torch.empty(b, 3, args.crop, args.crop), torch.empty(b, channels, grid, grid)
         sam_in = torch.empty(b, 3, cfg.img_size, cfg.img_size)

@@ -270,7 +270,7 @@ def test_class_iou_chart_and_comparison(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run folder as the trainer leaves it, from an SSR model (regulariser weights included)."""
-    cfg = TrainConfig().replace("model", backbone="mit_b0")
+    cfg = TrainConfig().replace("model", backbone="mit_b0", num_classes=19)  # the trainer records it resolved
     torch.manual_seed(3)
     ssr_model = build_segmentor(create_backbone("mit_b0"), ssr_stages=(0, 1, 2, 3)).eval()
     run = tmp_path_factory.mktemp("run")

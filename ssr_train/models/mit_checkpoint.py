@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ssr_cache.errors import SSRError
-from ssr_train.models.backbones import MIT_VARIANTS, Backbone
+from ssr_train.models.mit_variants import MIT_VARIANTS
+from ssr_train.training.checkpoint import load_checkpoint, unwrap_state_dict
 
 _PATCH_EMBED = re.compile(r"^patch_embed([1-4])\.(.+)$")
 _BLOCK = re.compile(r"^block([1-4])\.(\d+)\.(.+)$")
@@ -42,15 +44,12 @@ class LoadReport:
     dropped: tuple[str, ...]  # the ImageNet classifier, never part of a backbone
 
 
-def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: `state_dict` / `model` wrappers and `module.` / `model.` / `backbone.`
-    prefixes removed (a DAFormer/MIC UDA checkpoint gives its student backbone)."""
+def mit_tensors(obj: object) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: `state_dict` / `model` wrappers (training/checkpoint.py) and `module.` /
+    `model.` / `backbone.` prefixes removed (a DAFormer/MIC UDA checkpoint gives its student backbone)."""
+    obj = unwrap_state_dict(obj)
     if not isinstance(obj, Mapping):
         raise SSRError(f"not a MiT checkpoint: expected a dict of tensors, got {type(obj).__name__}")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     for prefix in _WRAPPER_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
@@ -121,7 +120,7 @@ def infer_mit_variant(timm_sd: Mapping[str, torch.Tensor]) -> str:
 
 def convert_mit_state_dict(mmseg_sd: Mapping, variant: str | None = None) -> dict[str, torch.Tensor]:
     """mmseg-named MiT weights -> timm `features_only` names; checks the variant when one is given."""
-    converted, _, _, _ = _split(unwrap_state_dict(mmseg_sd))
+    converted, _, _, _ = _split(mit_tensors(mmseg_sd))
     if not converted:
         raise SSRError("not a MiT checkpoint: no patch_embed*/block*/norm* keys found")
     found = infer_mit_variant(converted)
@@ -130,21 +129,12 @@ def convert_mit_state_dict(mmseg_sd: Mapping, variant: str | None = None) -> dic
     return converted
 
 
-def _read(path: Path) -> object:
-    if not path.is_file():
-        raise SSRError(f"MiT checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types (pickle, zip, EOF) on a bad file
-        raise SSRError(f"cannot read MiT checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
-
-
-def load_mit_checkpoint(backbone: Backbone, path: str | Path, *, strict: bool = True) -> LoadReport:
+def load_mit_checkpoint(backbone: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
     """Fill a MiT `backbone` from a SegFormer/DAFormer checkpoint; every parameter must be covered."""
     if not backbone.is_mit:
         raise SSRError(f"MiT checkpoints load only into {', '.join(MIT_VARIANTS)}, not {backbone.name!r}")
     path = Path(path)
-    sd = unwrap_state_dict(_read(path))
+    sd = mit_tensors(load_checkpoint(path, what="MiT checkpoint"))
     converted, origin, unexpected, dropped = _split(sd)
     if not converted:
         raise SSRError(f"not a MiT checkpoint: {path} has no patch_embed*/block*/norm* keys")

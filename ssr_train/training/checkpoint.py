@@ -58,29 +58,29 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     write_atomic(path, write, fsync=True, what="checkpoint")
 
 
-def load_checkpoint(path: str | Path) -> Any:
+def load_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
     """The object in a torch file, on the CPU, loaded with weights_only=True. Missing, unreadable, foreign
     (needs code to unpickle) or non-finite files are one-line SSRErrors."""
     path = Path(path)
     if not path.is_file():
-        raise SSRError(f"checkpoint {path} does not exist")
+        raise SSRError(f"{what} not found: {path}")
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):  # a pickle of arbitrary objects, not a torn file
             raise SSRError(f"{path} is not a checkpoint ssr can read safely (it needs arbitrary code to load)") from None
-        raise SSRError(f"cannot read checkpoint {path} (truncated or corrupt?)") from None
+        raise SSRError(f"cannot read {what} {path} (truncated or corrupt?)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SSRError(f"cannot read checkpoint {path} (truncated or corrupt?): {reason}") from None
+        raise SSRError(f"cannot read {what} {path} (truncated or corrupt?): {reason}") from None
     _refuse_non_finite(obj, path, "refusing")
     return obj
 
 
 def unwrap_state_dict(obj: Any) -> Any:
     """The state dict inside a checkpoint: {"state_dict": …} (ours, mmseg) or {"model": …} (timm,
-    DeiT), else `obj` itself."""
+    DeiT), else `obj` itself. The one place that knows these wrappers."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
