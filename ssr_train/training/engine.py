@@ -159,15 +159,21 @@ class Trainer:
                             draw=None, **common)
         return iter(source), iter(target) if target is not None else None
 
+    def _metadata(self, stores: Stores) -> dict:
+        """What a model file carries beside its weights (inference reads it: ssr_train/infer/run_model.py)."""
+        sam_random = (self.cfg.model.sam_checkpoint is None if self.cfg.model.sam_source == "online"
+                      else stores.sam_random_init)
+        return {"label_space": stores.label_space.to_dict(), "resize": list((stores.target or stores.source).resize),
+                "metadata": {"backbone_init": self.backbone_init,
+                             "sam_random_init": bool(self.cfg.model.ssr and sam_random)}}
+
     def _record_run(self, stores: Stores) -> None:
         if self.rank != 0:
             return
         save_config(self.cfg, self.run_dir / "config.toml")
-        sam_random = (self.cfg.model.sam_checkpoint is None if self.cfg.model.sam_source == "online"
-                      else stores.sam_random_init)
-        run_folder.RunRecord(label_space=stores.label_space.to_dict(), backbone_init=self.backbone_init,
-                             sam_random_init=bool(self.cfg.model.ssr and sam_random),
-                             source_cache=self.cfg.data.source_cache,
+        meta = self.model_metadata["metadata"]
+        run_folder.RunRecord(label_space=stores.label_space.to_dict(), backbone_init=meta["backbone_init"],
+                             sam_random_init=meta["sam_random_init"], source_cache=self.cfg.data.source_cache,
                              target_cache=self.cfg.data.target_cache).write(self.run_dir)
 
     # ------------------------------------------------------------ the loop
@@ -185,6 +191,7 @@ class Trainer:
         self.stores = stores = open_stores(cfg)
         # recorded resolved, so a run's config alone rebuilds its model (evaluation, export)
         self.cfg = cfg = cfg.replace("model", num_classes=stores.label_space.num_classes)
+        self.model_metadata = self._metadata(stores)
         model, method, optimizer = self._build(stores)
         if ckpt:
             start = self._restore(ckpt, method, optimizer)
@@ -315,7 +322,7 @@ class Trainer:
 
     def _export(self, method, it: int) -> dict:
         return {"state_dict": method.shadow_model().shadow_state_dict(), "config": self.cfg.to_dict(),
-                "iteration": it}
+                "iteration": it, **self.model_metadata}
 
     def _save(self, it: int, method, optimizer, losses: dict) -> None:
         # Every rank's random streams differ (seeded seed + rank), so rank 0 collects them all: a resumed
