@@ -29,23 +29,31 @@ class ShardBuffer:
     def __init__(self, start: int, stop: int, crop_hw: tuple[int, int], num_classes: int):
         n = stop - start
         self.start, self.stop = start, stop
-        self.pixels = np.zeros((n, *crop_hw, 3), np.uint8)
-        self.labels = np.zeros((n, *crop_hw), np.uint8)
-        self.counts = np.zeros((n, num_classes), np.int32)
+        # np.empty: every row is written before the shard counts as complete (has_inputs/has_features)
+        self.pixels = np.empty((n, *crop_hw, 3), np.uint8)
+        self.labels = np.empty((n, *crop_hw), np.uint8)
+        self.counts = np.empty((n, num_classes), np.int32)
         self.features: dict[str, np.ndarray] = {}
         self.has_inputs = np.zeros(n, bool)
         self.has_features = np.zeros(n, bool)
 
+    def _rows(self, views: np.ndarray):
+        """Rows of `views` in this buffer: a slice when they are consecutive (the usual case: no gather)."""
+        idx = np.asarray(views) - self.start
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and (np.diff(idx) == 1).all():
+            return slice(int(idx[0]), int(idx[-1]) + 1)
+        return idx
+
     def put_inputs(self, views: np.ndarray, pixels, labels, counts) -> None:
-        idx = views - self.start
+        idx = self._rows(views)
         self.pixels[idx], self.labels[idx], self.counts[idx] = pixels, labels, counts
         self.has_inputs[idx] = True
 
     def put_features(self, views: np.ndarray, encoded: dict[str, np.ndarray]) -> None:
-        idx = views - self.start
+        idx = self._rows(views)
         for name, arr in encoded.items():
             if name not in self.features:
-                self.features[name] = np.zeros((self.stop - self.start, *arr.shape[1:]), arr.dtype)
+                self.features[name] = np.empty((self.stop - self.start, *arr.shape[1:]), arr.dtype)
             self.features[name][idx] = arr
         self.has_features[idx] = True
 
@@ -68,7 +76,9 @@ class ShardBuffers:
     def _split(self, views: np.ndarray):
         shards = np.array([self.shard_of[int(v)] for v in views])
         for s in np.unique(shards):
-            sel = shards == s
+            sel = np.flatnonzero(shards == s)
+            if sel[-1] - sel[0] + 1 == len(sel):
+                sel = slice(int(sel[0]), int(sel[-1]) + 1)  # a view, not a copy
             if int(s) not in self.buffers:
                 L = self.store.layout
                 self.buffers[int(s)] = ShardBuffer(*self.store.shard_range(int(s)), L.crop_hw, L.num_classes)

@@ -66,7 +66,11 @@ def encode_features(name: str, x: torch.Tensor, dtype: str, where: str) -> dict[
 
     NaN/Inf (and, for float16, values beyond its range) are refused with one line naming `where` (views).
     """
-    peak = float(x.detach().abs().amax()) if x.numel() else 0.0  # amax propagates NaN; one reduction, one sync
+    # One fused min/max pass and one sync; both propagate NaN. (abs().amax() would materialise a copy.)
+    lo, hi = torch.aminmax(x.detach()) if x.numel() else (torch.zeros(()), torch.zeros(()))
+    peak = max(-float(lo), float(hi))
+    if np.isnan(float(lo)) or np.isnan(float(hi)):
+        peak = float("nan")
     if not np.isfinite(peak):
         raise SSRError(f"SAM features {name} of {where} contain NaN/Inf; not caching them")
     if dtype == "float16":
