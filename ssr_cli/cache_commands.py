@@ -159,8 +159,9 @@ def verify(
 
     deep_check = None
     if deep:
-        from ssr_cache.store.deep_verify import make_deep_check
+        from ssr_cache.store.deep_verify import deep_runtime_line, make_deep_check
 
+        console.print(deep_runtime_line(path, device))
         deep_check = make_deep_check(n_views=deep_views, data_root=data_root, sam_checkpoint=sam_checkpoint,
                                      device=device)
     report = verify_store(path, progress=True, deep_check=deep_check)

@@ -195,6 +195,7 @@ def test_info_and_verify_cli_on_a_good_store(gta_store):
     ok = run_ssr("cache", "verify", str(gta_store), "--deep", "--deep-views", "3")
     assert ok.returncode == 0, ok.stderr
     assert "12 views verified (deep)" in ok.stdout
+    assert ok.stdout.splitlines()[0].startswith("device cpu") and "precision fp32" in ok.stdout.splitlines()[0]
 
 
 def test_deep_verify_catches_features_that_decode_fine_but_are_wrong(gta_store, tmp_path):

@@ -12,14 +12,27 @@ from ssr_cache.build.config import autocast_dtype
 from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.data.datasets import open_dataset
 from ssr_cache.errors import SSRError
-from ssr_cache.runtime import resolve_device
+from ssr_cache.runtime import resolve_device, runtime_line
 from ssr_cache.sam_encoder import build_sam_encoder
+from ssr_cache.store.feature_store import FeatureStore
 
 # fp16 storage: relative error per element ≤ 2^-11; allow for encoder nondeterminism across batch shapes.
 # A store built under bf16/fp16 autocast is compared with its precision's rounding on top (bf16: 8 bits).
 RTOL = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 5e-2}
 FP16_RTOL = RTOL["fp32"]
 INT8_MIN_COSINE = 0.999
+
+
+def deep_precision(store_precision: str, device: torch.device) -> str:
+    """The precision --deep re-encodes in: the store's on CUDA; fp32 elsewhere (reduced precision is CUDA-only)."""
+    return store_precision if device.type == "cuda" and store_precision in RTOL else "fp32"
+
+
+def deep_runtime_line(url: str, device: str = "auto") -> str:
+    """The first line of `ssr cache verify --deep`: where and in what precision SAM re-encodes."""
+    dev = resolve_device(device)
+    return runtime_line(dev, precision=deep_precision(FeatureStore.open(url).precision, dev),
+                        threads=torch.get_num_threads())
 
 
 def make_deep_check(*, n_views: int = 4, data_root: Path | None = None, sam_checkpoint: Path | None = None,
@@ -46,9 +59,7 @@ def deep_check(store, candidates: list[int], *, n_views: int, data_root: Path | 
     if ds.file_list_hash() != fp["file_list_sha256"]:
         raise SSRError(f"dataset at {root} is not the one {store.url} was built from (file list differs)")
     dev = resolve_device(device)
-    precision = fp.get("precision", "fp32")
-    if dev.type != "cuda":  # reduced precision exists only on CUDA; fp32 is the closer reference there
-        precision = "fp32"
+    precision = deep_precision(fp.get("precision", "fp32"), dev)
     encoder = build_sam_encoder(cfg["sam"], ckpt, seed=cfg["sam_seed"], device=dev)
     if encoder.fingerprint() != fp["encoder"]:
         raise SSRError("the encoder for --deep differs from the one the store was built with "
