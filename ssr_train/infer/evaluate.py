@@ -99,7 +99,7 @@ def evaluate(model: nn.Module | Predictor, dataset: SegmentationDataset, *, resi
     kinds = save_kinds or (("labelid" if is_cityscapes(space) else "trainid"), "color", "overlay")
     loader = DataLoader(_EvalImages(dataset, with_labels), batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=predictor.device.type == "cuda")
-    confusion = Confusion(label_space)
+    confusion = Confusion(space)
     writer = PredictionWriter(save_preds, space, kinds) if save_preds is not None else None
     try:
         with progress_bar("evaluating" if with_labels else "predicting", unit="img", disable=not progress,
