@@ -124,6 +124,18 @@ def test_every_pair_trains_and_evaluates(world):
         assert 0 <= data["miou"] <= 100 and data["n_images"] >= 1, pair
     for pair in ("synthia2cs", "cs2acdc", "cs2dz"):
         assert len(_eval(world, pair)["per_class"]) == 19
+    # the 3-class folder pair: the model has 3 outputs (from the stores) and is scored on 3 classes
+    assert list(_eval(world, "folder2folder")["per_class"]) == ["ground", "structure", "agent"]
+
+
+def test_label_spaces_that_differ_are_one_line_naming_both(world, tmp_path):
+    src, tgt = world["stores"]["folder_src"], world["stores"]["cs_target"]
+    result = CliRunner().invoke(app, tiny_train_args(src, tmp_path / "run", "--method", "daformer", "--iters", "1",
+                                                     "--target-cache", str(tgt)))
+    assert isinstance(result.exception, SSRError), result.output
+    message = str(result.exception)
+    assert str(src) in message and str(tgt) in message and "\n" not in message
+    assert not (tmp_path / "run" / "model.pth").exists()
 
 
 def test_synthia_to_cityscapes_reports_miou16_and_miou13(world):
