@@ -222,3 +222,17 @@ def test_folder_jpeg_where_a_label_is_expected(tmp_path):
     ds = open_dataset("folder", tmp_path, require_labels=False)
     with pytest.raises(SSRError, match=r"labels/y\.png: expected a PNG file, found JPEG"):
         ds.load_label(ds.sample_ids.index("y"))
+
+
+def test_synth_refuses_an_unknown_layout_and_records_the_layouts(tmp_path):
+    import json
+
+    with pytest.raises(SSRError, match=r"^unknown layout 'gta6'; choose from gta5, cityscapes, synthia, acdc, "
+                                       r"dark_zurich, folder$"):
+        synthesize(tmp_path / "x", train=1, val=0, size=(64, 64), progress=False, layouts=("gta6",))
+    assert not (tmp_path / "x").exists()
+    summary = synthesize(tmp_path / "y", train=1, val=0, size=(64, 64), progress=False, layouts=("folder",))
+    marker = json.loads((tmp_path / "y" / "synthetic.json").read_text())
+    assert marker["layouts"] == ["folder"] and marker["complete"]
+    assert set(summary.roots) == {"folder_source", "folder_target"}
+    assert (tmp_path / "y" / "folder_source" / "classes.toml").is_file()
