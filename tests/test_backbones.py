@@ -34,7 +34,7 @@ def test_mit_b0_forward_shapes() -> None:
     backbone = create_backbone("mit_b0", drop_path_rate=0.0).eval()
     assert isinstance(backbone, Backbone)
     assert backbone.out_channels == (32, 64, 160, 256)
-    assert backbone.reductions == (4, 8, 16, 32)
+    assert tuple(backbone.body.feature_info.reduction()) == (4, 8, 16, 32)
     with torch.no_grad():
         features = backbone(torch.randn(2, 3, 64, 96))
     shapes = [tuple(f.shape) for f in features]
@@ -49,7 +49,7 @@ def test_mit_variant_matches_segformer_definition(name: str) -> None:
     body = backbone.body
     dims = (32, 64, 160, 256) if name == "mit_b0" else (64, 128, 320, 512)
     assert backbone.out_channels == dims
-    assert backbone.reductions == (4, 8, 16, 32)
+    assert tuple(backbone.body.feature_info.reduction()) == (4, 8, 16, 32)
     assert sum(p.numel() for p in backbone.parameters()) == MIT_PARAMS[name]
 
     stem = body.patch_embed.proj
@@ -109,7 +109,7 @@ def test_timm_resnet_backbone_and_its_checkpoint(tmp_path) -> None:
     torch.save(source.state_dict(), path)
     backbone = create_backbone("resnet18", checkpoint=path, out_indices=(1, 2, 3, 4)).eval()
     assert backbone.out_channels == (64, 128, 256, 512)
-    assert backbone.reductions == (4, 8, 16, 32)
+    assert tuple(backbone.body.feature_info.reduction()) == (4, 8, 16, 32)
     assert torch.equal(backbone.body.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     with torch.no_grad():
         features = backbone(torch.randn(1, 3, 64, 64))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ssr_cache.data.label_space import CITYSCAPES
 from ssr_train.uda.feature_distance import (
     downscale_label_ratio,
     feature_distance_loss,
@@ -44,23 +45,28 @@ def _fd_case():
     return student.requires_grad_(True), torch.zeros(1, 2, 2, 2), gt
 
 
+# DAFormer's FD settings: Cityscapes' thing classes, purity 0.75, 19 classes, lambda 0.005
+REFERENCE_FD = dict(classes=CITYSCAPES.indices(CITYSCAPES.thing_classes), scale_min_ratio=0.75, num_classes=19,
+                    lambda_=0.005)
+
+
 def test_feature_distance_hand_computed():
     student, imnet, gt = _fd_case()
-    loss = feature_distance_loss(student, imnet, gt)
+    loss = feature_distance_loss(student, imnet, gt, **REFERENCE_FD)
     assert math.isclose(loss.item(), 0.005 * (5.0 + 10.0) / 2, rel_tol=1e-6)
     loss.backward()
     expected = torch.zeros(1, 2, 2, 2)
     expected[0, :, 0, 0] = 0.005 / 2 * torch.tensor([0.6, 0.8])  # d||f|| / df = f / ||f||
     expected[0, :, 1, 0] = 0.005 / 2 * torch.tensor([0.6, 0.8])
     assert torch.allclose(student.grad, expected)
-    everywhere = feature_distance_loss(student, imnet, gt, classes=None, lambda_=1.0)
+    everywhere = feature_distance_loss(student, imnet, gt, **{**REFERENCE_FD, "classes": None, "lambda_": 1.0})
     assert math.isclose(everywhere.item(), (5 + 10 + 2 * math.hypot(100, 100)) / 4, rel_tol=1e-6)
 
 
 def test_feature_distance_zero_without_things():
     student, imnet, gt = _fd_case()
     gt[gt != 255] = 0
-    loss = feature_distance_loss(student, imnet, gt)
+    loss = feature_distance_loss(student, imnet, gt, **REFERENCE_FD)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(student.grad, torch.zeros_like(student))

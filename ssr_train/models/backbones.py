@@ -1,7 +1,7 @@
 """Backbones: SegFormer's MiT-B0…B5 (as timm pvt_v2 models) or any timm model with `features_only`.
 
 `create_backbone(name)` returns a `Backbone`: an nn.Module whose forward maps an NCHW image batch to a
-list of NCHW feature maps, one per stage, with `out_channels` and `reductions` describing them.
+list of NCHW feature maps, one per stage, with `out_channels` describing them.
 
 MiT and timm's PVTv2 share one architecture (overlapping patch embeds 7/4 then 3/2, spatial-reduction
 attention with separate `q` / `kv` linears, Mix-FFN with a 3x3 depthwise conv, LayerNorm eps 1e-6 in
@@ -31,7 +31,6 @@ class Backbone(nn.Module):
         self.name = name
         self.body = body
         self.out_channels: tuple[int, ...] = tuple(body.feature_info.channels())
-        self.reductions: tuple[int, ...] = tuple(body.feature_info.reduction())
         # Some timm models (Swin, ...) emit channels-last features; the interface promises NCHW.
         self.channels_last = getattr(getattr(body, "output_fmt", None), "value", "NCHW") == "NHWC"
 

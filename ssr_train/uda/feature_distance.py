@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FD_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # traffic light/sign, person … bicycle
+from ssr_cache.data.labels import IGNORE_INDEX
 
 
 def downscale_label_ratio(
@@ -43,15 +43,16 @@ def feature_distance_loss(
     imnet_feat: Tensor,
     gt: Tensor,
     *,
-    classes: Sequence[int] | None = FD_CLASSES,
-    scale_min_ratio: float = 0.75,
-    num_classes: int = 19,
-    lambda_: float = 0.005,
-    ignore_index: int = 255,
+    classes: Sequence[int] | None,
+    scale_min_ratio: float,
+    num_classes: int,
+    lambda_: float,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """FD loss between last-stage maps (B,C,h,w); ``gt`` is the source label at image resolution.
 
-    ``classes=None`` averages over every cell (reference ``fdist_classes=None``).
+    ``classes=None`` averages over every cell (reference ``fdist_classes=None``). The values come from
+    ``[daformer]`` (methods/daformer.py); the classes are the label space's things by default.
     """
     dist = torch.norm(student_feat - imnet_feat.detach(), dim=1, p=2)  # (B,h,w)
     if classes is not None:

@@ -20,10 +20,6 @@ def block_size_for(crop: int, base: int = 32, base_crop: int = 512) -> int:
     return max(1, round(base * crop / base_crop))
 
 
-def mask_image(img: Tensor, mask: Tensor) -> Tensor:
-    return img * mask
-
-
 @dataclass(frozen=True)
 class BlockMaskGenerator:
     mask_ratio: float = 0.7
@@ -40,4 +36,4 @@ class BlockMaskGenerator:
 
     @torch.no_grad()
     def mask_image(self, imgs: Tensor, *, generator: torch.Generator) -> Tensor:
-        return mask_image(imgs, self.generate_mask(imgs, generator=generator))
+        return imgs * self.generate_mask(imgs, generator=generator)
