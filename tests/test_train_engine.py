@@ -176,6 +176,7 @@ def test_two_process_torchrun_training(caches, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = read_metrics(run)
     assert [m["iter"] for m in metrics] == [1, 2, 3, 4]  # rank 0 alone writes
+    assert result.stdout.count("trained 4 iterations") == 1  # and alone prints
     assert load_iteration(run) == 4
 
 
