@@ -108,6 +108,11 @@ def _stores(cfg: TrainConfig) -> dict[str, FeatureStore]:
     return stores
 
 
+def _classifier_rows(state: dict) -> int:
+    rows = [v.shape[0] for k, v in state.items() if k.endswith("classifier.weight")]
+    return int(rows[0]) if rows else CITYSCAPES.num_classes
+
+
 def run_label_space(cfg: TrainConfig, entries: dict, stores: dict) -> LabelSpace:
     """The run's classes: recorded in the model file, else the source cache's, else Cityscapes' 19."""
     if isinstance(entries.get("label_space"), dict):
@@ -173,6 +178,8 @@ def load_run_model(path: str | os.PathLike, checkpoint: str = "model") -> RunMod
         raise SSRError(f"{file} carries no config and there is no {config_path} beside it")
     state = {k: v for k, v in state.items() if k.startswith(SHADOW_PREFIXES)}
     _check_finite(state, file)
+    if cfg.model.num_classes is None:  # a config saved unresolved: the classifier's rows are the classes
+        cfg = cfg.replace("model", num_classes=_classifier_rows(state))
     backbone = create_backbone(cfg.model.backbone, drop_path_rate=0.0)
     model = build_shadow_segmentor(backbone, num_classes=cfg.model.num_classes, embed_dim=cfg.model.head_embed_dim)
     expected = model.state_dict()
