@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ssr_cache.data.datasets import DATASETS
 from ssr_cache.errors import SSRError
 from ssr_cache.runtime import runtime_line, set_cpu_threads
 from ssr_cli.parsing import parse_size
@@ -29,7 +30,7 @@ def evaluate_command(
     checkpoint: str = typer.Option("model", help="model, best or latest."),
     split: str = typer.Option("val", help="Split (Cityscapes val: 500 images; test: predictions only)."),
     data_root: Path = typer.Option(None, "--data-root", help="Dataset root (default: the target cache's)."),
-    dataset: str = typer.Option("cityscapes", help="Dataset layout: cityscapes or gta5."),
+    dataset: str = typer.Option("cityscapes", help=f"Dataset layout, one of: {', '.join(DATASETS)}."),
     mode: str = typer.Option("whole", help="whole or slide (crop 512, stride 341, logits averaged)."),
     crop: int = typer.Option(512, help="Slide window."),
     stride: int = typer.Option(341, help="Slide stride."),
