@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ssr_cache.errors import SSRError
+from ssr_cache.store.feature_levels import parse_level
 from ssr_train.uda.classmix import mix_features
 
 
@@ -23,7 +24,7 @@ class SamFeatureSource:
             from ssr_cache.sam_encoder import build_sam_encoder
 
             self.encoder = build_sam_encoder(encoder_name, checkpoint, seed=seed, device=device)
-            self.grid = int(level[1:])
+            self.grid = parse_level(level)
             if self.encoder.grid % self.grid:
                 raise SSRError(f"SAM level {level} does not divide the {encoder_name} grid {self.encoder.grid}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ssr_cache.errors import SSRError
+from ssr_cache.store.feature_levels import level_name
 from ssr_train.models.backbones import create_backbone
 from ssr_train.models.segmentor import SSRSegmentor, build_segmentor
 
@@ -24,4 +25,4 @@ def sam_level_name(cfg, store_levels: list[int]) -> str:
     if level not in store_levels:
         raise SSRError(f"model.ssr_key_level = {level} is not stored in the cache (levels: "
                        f"{', '.join(map(str, store_levels))})")
-    return f"l{level}"
+    return level_name(level)
