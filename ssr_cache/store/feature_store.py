@@ -40,6 +40,7 @@ from ssr_cache.store.feature_codec import (
     lossless_compressors,
 )
 from ssr_cache.store.feature_levels import level_name, parse_level
+from ssr_cache.store.shard_codec import ShardEncoder
 
 # 2: crops by cv2 INTER_LINEAR (view_plan.CROP_DEFINITION), no interm features, no per-view domain column,
 #    SAM precision in the fingerprint. Caches of another format are refused, never misread.
@@ -259,6 +260,7 @@ class FeatureStore:
         self.view_columns = {k: (v[0], tuple(v[1])) for k, v in self.attrs["view_columns"].items()}
         self.specs = array_specs(self.layout, self.view_columns)
         self._arrays: dict[str, zarr.Array] = {}
+        self._shard_encoders: dict[str, ShardEncoder | None] = {}
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r}, n_views={self.n_views}, levels={self.layout.levels})"
@@ -485,11 +487,22 @@ class FeatureStore:
         done = self.array(DONE)
         done[start:stop] = False  # while the shard is rewritten it is not done (an all-False flag chunk is deleted)
         self._remove_partials(self.shard_key(DONE, shard))
-        for path in data:
-            self._drop_shard_file(path, shard)  # zarr would otherwise read and merge the old shard file
         for path, values in data.items():
-            self.array(path)[start:stop] = values
+            self._write_shard_file(path, shard, values)
         done[start:stop] = True
+
+    def _write_shard_file(self, path: str, shard: int, values: np.ndarray) -> None:
+        """Replace one array's shard file: encoded here, in the calling thread (see shard_codec.py)."""
+        if path not in self._shard_encoders:
+            self._shard_encoders[path] = ShardEncoder.from_array(self.array(path))
+        encoder = self._shard_encoders[path]
+        self._drop_shard_file(path, shard)  # zarr would otherwise read and merge the old shard file
+        if encoder is None:
+            start, stop = self.shard_range(shard)
+            self.array(path)[start:stop] = values
+            return
+        data = default_buffer_prototype().buffer.from_bytes(encoder.encode(values))
+        sync(self.group.store.set(self.shard_key(path, shard), data))
 
     def _checked_inputs(self, start: int, stop: int, pixels, labels, class_counts) -> dict:
         n, L = stop - start, self.layout
