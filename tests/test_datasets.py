@@ -71,6 +71,31 @@ def test_rgb_label_is_refused_by_name(tmp_path):
         read_label_ids(tmp_path / "colour.png")
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_read_rgb_gives_pils_pixels_whichever_decoder_runs(tmp_path, mode):
+    """RGB(A) PNGs decode with OpenCV (faster), the rest with PIL: the pixels are PIL's either way, and a
+    flipped byte inside the image data is caught, not decoded to garbage."""
+    rng = np.random.default_rng(1)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    data = rng.integers(0, 256, (29, 41, channels) if channels else (29, 41), dtype=np.uint8)
+    Image.fromarray(data, mode="L" if mode == "P" else mode).convert(mode).save(tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as im:
+        expected = np.array(im.convert("RGB"))
+    assert np.array_equal(read_rgb(tmp_path / "x.png"), expected)
+    raw = bytearray((tmp_path / "x.png").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "flipped.png").write_bytes(bytes(raw))
+    with pytest.raises(SSRError, match=r"flipped\.png: (truncated or corrupt PNG|not a readable image)"):
+        read_rgb(tmp_path / "flipped.png")
+
+
+def test_opencv_runs_in_the_calling_thread():
+    """cv2's pool, once used, hangs DataLoader workers forked after it (the cache build stalled for good)."""
+    from ssr_cache.data.opencv import cv2
+
+    assert cv2.getNumThreads() == 1
+
+
 def test_unreadable_files_name_the_file(tmp_path):
     write_png_atomic(tmp_path / "full.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     data = (tmp_path / "full.png").read_bytes()
