@@ -83,6 +83,8 @@ class LabelSpace:
     def count(self, train_ids: np.ndarray) -> np.ndarray:
         """Pixels of each class in a train-id map, int64 (num_classes,); ignored and other values excluded."""
         flat = np.asarray(train_ids).ravel()
+        if flat.dtype == np.uint8:  # every value < 256: count them all, keep the classes (no mask pass)
+            return np.bincount(flat, minlength=256)[: self.num_classes].astype(np.int64)
         return np.bincount(flat[flat < self.num_classes], minlength=self.num_classes).astype(np.int64)
 
     def palette_lut(self) -> np.ndarray:
