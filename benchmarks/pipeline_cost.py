@@ -54,6 +54,7 @@ class StandInEncoder:
         self.levels = tuple(g for g in (self.grid, self.grid // 2, self.grid // 4) if g >= 1)
         feats = smooth_feature_set(1, self.levels, self.config.out_chans)
         self.features = {name: torch.from_numpy(f) for name, f in feats.items()}
+        self._batches: dict[int, dict[str, torch.Tensor]] = {}
         self.device = torch.device("cpu")
 
     def fingerprint(self) -> dict:
@@ -62,7 +63,9 @@ class StandInEncoder:
     def encode(self, crops, *, levels=None, autocast_dtype=None, **_) -> dict[str, torch.Tensor]:
         n = len(crops)
         levels = self.levels if levels is None else levels
-        return {f"l{g}": self.features[f"l{g}"].expand(n, -1, -1, -1) for g in levels}
+        if n not in self._batches:  # made once per batch size: contiguous, like a real encoder's output
+            self._batches[n] = {k: f.expand(n, -1, -1, -1).contiguous() for k, f in self.features.items()}
+        return {f"l{g}": self._batches[n][f"l{g}"] for g in levels}
 
 
 def cpu_seconds() -> float:

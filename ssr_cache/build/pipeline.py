@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 from rich.console import Console
@@ -189,10 +188,6 @@ class ViewCropDataset(Dataset):
                 "counts": np.stack(counts).astype(np.int32)}
 
 
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # one decoding worker = one core; cv2's own pool would oversubscribe them
-
-
 def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
     """Regroup per-image items into encoder batches of about batch_size views; a worker's error item
     becomes its one-line SSRError here."""
@@ -321,9 +316,9 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     view_idx = np.concatenate([np.arange(*store.shard_range(s)) for s in shards])
     loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
-                        worker_init_fn=_worker_init if cfg.workers else None, persistent_workers=False)
+                        persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
     buffers = ShardBuffers(store, shards)
-    writer = ShardWriter(store, threads=cfg.writer_threads or default_writer_threads())
+    writer = ShardWriter(store, threads=cfg.writer_threads or default_writer_threads(), on_written=buffers.release)
     amp = autocast_dtype(precision)
     if device.type == "cuda":  # CUDA/cuBLAS start-up and kernel selection, before the first timed batch
         encoder.encode(torch.zeros((cfg.batch_size, *cfg.crop, 3), dtype=torch.uint8), levels=levels,
@@ -351,9 +346,9 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
 
 
 def encode_batch(encoder, pixels: torch.Tensor, levels: tuple[int, ...], amp, feature_dtype: str,
-                 views: np.ndarray) -> dict[str, np.ndarray]:
-    """SAM features of a batch in their stored form (cast or quantised on the encoder's device, so only
-    the stored bytes cross to the host)."""
+                 views: np.ndarray) -> dict[str, torch.Tensor]:
+    """SAM features of a batch in their stored form, still on the encoder's device (cast or quantised
+    there, so only the stored bytes cross to the host, straight into the shard buffer)."""
     if pixels.device.type == "cpu" and encoder.device.type == "cuda":
         pixels = pixels.pin_memory()
     feats = encoder.encode(pixels, levels=levels, autocast_dtype=amp)
@@ -361,7 +356,7 @@ def encode_batch(encoder, pixels: torch.Tensor, levels: tuple[int, ...], amp, fe
     out = {}
     for name, x in feats.items():
         out.update(encode_features(name, x, feature_dtype, where))
-    return {k: v.cpu().numpy() for k, v in out.items()}
+    return out
 
 
 def _mb(n: float) -> str:

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ssr_cache.errors import SSRError
 
@@ -24,18 +25,40 @@ def default_writer_threads() -> int:
 
 
 class ShardBuffer:
-    """One shard's inputs and encoded features, filled view by view (features already in their stored form)."""
+    """One shard's inputs and encoded features, filled view by view (features already in their stored form).
 
-    def __init__(self, start: int, stop: int, crop_hw: tuple[int, int], num_classes: int):
-        n = stop - start
-        self.start, self.stop = start, stop
+    Buffers are recycled from shard to shard (`ShardBuffers.release`): a fresh 200 MB numpy buffer per shard
+    cost more in page faults than copying into it did.
+    """
+
+    def __init__(self, rows: int, crop_hw: tuple[int, int], num_classes: int):
         # np.empty: every row is written before the shard counts as complete (has_inputs/has_features)
-        self.pixels = np.empty((n, *crop_hw, 3), np.uint8)
-        self.labels = np.empty((n, *crop_hw), np.uint8)
-        self.counts = np.empty((n, num_classes), np.int32)
-        self.features: dict[str, np.ndarray] = {}
-        self.has_inputs = np.zeros(n, bool)
-        self.has_features = np.zeros(n, bool)
+        self.pixels = np.empty((rows, *crop_hw, 3), np.uint8)
+        self.labels = np.empty((rows, *crop_hw), np.uint8)
+        self.counts = np.empty((rows, num_classes), np.int32)
+        self._features: dict[str, np.ndarray] = {}
+        self.has_inputs = np.zeros(rows, bool)
+        self.has_features = np.zeros(rows, bool)
+        self.start = self.stop = 0
+
+    def reset(self, start: int, stop: int) -> ShardBuffer:
+        self.start, self.stop = start, stop
+        self.has_inputs[:] = False
+        self.has_features[:] = False
+        self.has_inputs[stop - start:] = self.has_features[stop - start:] = True  # rows past a short last shard
+        return self
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        return {"pixels": self.pixels[:self.n], "labels": self.labels[:self.n], "class_counts": self.counts[:self.n]}
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        return {name: arr[:self.n] for name, arr in self._features.items()}
 
     def _rows(self, views: np.ndarray):
         """Rows of `views` in this buffer: a slice when they are consecutive (the usual case: no gather)."""
@@ -49,12 +72,16 @@ class ShardBuffer:
         self.pixels[idx], self.labels[idx], self.counts[idx] = pixels, labels, counts
         self.has_inputs[idx] = True
 
-    def put_features(self, views: np.ndarray, encoded: dict[str, np.ndarray]) -> None:
+    def put_features(self, views: np.ndarray, encoded: dict[str, torch.Tensor]) -> None:
+        """Copy a batch's stored-form features (on any device) straight into this buffer's rows."""
         idx = self._rows(views)
-        for name, arr in encoded.items():
-            if name not in self.features:
-                self.features[name] = np.empty((self.stop - self.start, *arr.shape[1:]), arr.dtype)
-            self.features[name][idx] = arr
+        for name, x in encoded.items():
+            if name not in self._features:
+                self._features[name] = np.empty((len(self.pixels), *x.shape[1:]), torch_to_numpy_dtype(x.dtype))
+            if isinstance(idx, slice):
+                torch.from_numpy(self._features[name][idx]).copy_(x)  # one device-to-host copy, no temporary
+            else:
+                self._features[name][idx] = x.cpu().numpy()
         self.has_features[idx] = True
 
     @property
@@ -62,16 +89,36 @@ class ShardBuffer:
         return bool(self.has_inputs.all() and self.has_features.all())
 
 
+def torch_to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
 class ShardBuffers:
-    """Routes each batch's views into the buffers of the shards they belong to; hands out complete shards."""
+    """Routes each batch's views into the buffers of the shards they belong to; hands out complete shards
+    and takes them back, once written, for the next shards."""
 
     def __init__(self, store, shards: list[int]):
         self.store = store
         self.buffers: dict[int, ShardBuffer] = {}
         self.shard_of: dict[int, int] = {}
+        self._free: list[ShardBuffer] = []
+        self._lock = threading.Lock()
         for s in shards:
             a, b = store.shard_range(s)
             self.shard_of.update(dict.fromkeys(range(a, b), s))
+
+    def _buffer_for(self, shard: int) -> ShardBuffer:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            L = self.store.layout
+            buf = ShardBuffer(L.shard_views, L.crop_hw, L.num_classes)
+        return buf.reset(*self.store.shard_range(shard))
+
+    def release(self, buf: ShardBuffer) -> None:
+        """A written shard's buffer, free for the next shard (called from the writer threads)."""
+        with self._lock:
+            self._free.append(buf)
 
     def _split(self, views: np.ndarray):
         shards = np.array([self.shard_of[int(v)] for v in views])
@@ -80,15 +127,14 @@ class ShardBuffers:
             if sel[-1] - sel[0] + 1 == len(sel):
                 sel = slice(int(sel[0]), int(sel[-1]) + 1)  # a view, not a copy
             if int(s) not in self.buffers:
-                L = self.store.layout
-                self.buffers[int(s)] = ShardBuffer(*self.store.shard_range(int(s)), L.crop_hw, L.num_classes)
+                self.buffers[int(s)] = self._buffer_for(int(s))
             yield int(s), sel
 
     def put_inputs(self, views: np.ndarray, pixels, labels, counts) -> None:
         for s, sel in self._split(views):
             self.buffers[s].put_inputs(views[sel], pixels[sel], labels[sel], counts[sel])
 
-    def put_features(self, views: np.ndarray, encoded: dict[str, np.ndarray]) -> list[tuple[int, ShardBuffer]]:
+    def put_features(self, views: np.ndarray, encoded: dict[str, torch.Tensor]) -> list[tuple[int, ShardBuffer]]:
         """Store the batch's encoded features; returns the shards this completed (and forgets them)."""
         complete = []
         for s, sel in self._split(views):
@@ -103,8 +149,9 @@ class ShardWriter:
     """`threads` background threads writing whole shards; the first error re-raises in the caller (one line
     for disk full). A bounded queue keeps at most `threads` finished shards waiting in memory."""
 
-    def __init__(self, store, threads: int = 2):
+    def __init__(self, store, threads: int = 2, on_written=None):
         self.store = store
+        self.on_written = on_written  # called with each written shard's buffer (ShardBuffers.release)
         self.queue: queue.Queue = queue.Queue(maxsize=threads)
         self.error: BaseException | None = None
         self.bytes_written = 0
@@ -124,9 +171,10 @@ class ShardWriter:
             if self.error is not None:
                 continue
             try:
-                self.store.write_shard(shard, pixels=buf.pixels, labels=buf.labels, class_counts=buf.counts,
-                                       encoded_features=buf.features)
+                self.store.write_shard(shard, **buf.inputs, encoded_features=buf.features)
                 size = shard_disk_bytes(self.store, shard)
+                if self.on_written is not None:
+                    self.on_written(buf)
                 with self._lock:
                     self.bytes_written += size
                     self.shards_written += 1
