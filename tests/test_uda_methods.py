@@ -54,6 +54,7 @@ def test_constants_are_the_reference_values():
         "ema_alpha": 0.999, "pseudo_threshold": 0.968, "pseudo_ignore_top": 15, "pseudo_ignore_bottom": 120,
         "color_jitter_strength": 0.2, "color_jitter_prob": 0.2, "blur": True, "fd_lambda": 0.005,
         "fd_classes": None, "fd_scale_min_ratio": 0.75, "rcs_temperature": 0.01, "rcs_min_pixels": 3000,
+        "rcs_min_crop_ratio": 0.5,
     }
     assert dataclasses.asdict(MICConfig()) == {"block_size": 32, "mask_ratio": 0.7, "loss_weight": 1.0}
     # FD's default classes: the label space's things, which for Cityscapes are the reference's train ids

@@ -13,10 +13,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_train.models.daformer_head import DAFormerHead
 from ssr_train.models.ssr_regularizer import SamInput, SSRRegularizer
 
-IGNORE_INDEX = 255
 SHADOW_PREFIXES = ("backbone.", "head.")
 
 
