@@ -102,7 +102,7 @@ def test_online_sam_and_cached_sam_give_the_same_source_loss(caches):
     # The cache stores fp16; everything else is the same computation on the same pixels.
     torch.testing.assert_close(sam_online, sam_cached, rtol=2e-3, atol=2e-3)
     assert float(loss_online["loss_enhanced"]) == pytest.approx(float(loss_cached["loss_enhanced"]), rel=1e-4)
-    assert float(loss_online["loss_plain"]) == float(loss_cached["loss_plain"])
+    assert float(loss_online["loss_shadow"]) == float(loss_cached["loss_shadow"])
 
 
 def test_flip_moves_pixels_labels_and_features_together(caches):

@@ -96,7 +96,7 @@ class DAFormer(Method):
         c = self.settings
         out = self.model.forward_train(source["img"], sam=self.sam.source(source))
         src = ssr_loss(out, source["label"], mean_over="all")
-        log["loss_src"] = src["loss_plain"]
+        log["loss_src"] = src["loss_shadow"]
         if src["loss_enhanced"] is not None:
             log["loss_src_ssr"] = src["loss_enhanced"]
         loss = src["total"]
@@ -135,7 +135,7 @@ class DAFormer(Method):
         mix_weight = mixed_pixel_weight(mask, pseudo_weight)
         out = self.model.forward_train(mix_img, sam=self.sam.mixed(mask, source, target, mix_img))
         mixed = ssr_loss(out, mix_label, mix_weight, mean_over="all")
-        log["loss_mix"] = mixed["loss_plain"]
+        log["loss_mix"] = mixed["loss_shadow"]
         if mixed["loss_enhanced"] is not None:
             log["loss_mix_ssr"] = mixed["loss_enhanced"]
         return mixed["total"]

@@ -1,6 +1,6 @@
 """EMA teacher (DACS / DAFormer ``_init_ema_weights`` + ``_update_ema``).
 
-The teacher is a plain segmentor: the SSR regulariser is dropped, so pseudo-labels come from the plain
+The teacher is a segmentor without the SSR regulariser, so pseudo-labels come from the shadow
 branch only, as in the reference where the regulariser lives outside the EMA-copied segmentor.
 
 Only parameters follow the student. Buffers (BatchNorm running statistics) are never copied by the
