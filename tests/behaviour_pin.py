@@ -72,7 +72,24 @@ def pin_extra_args() -> list[str]:
 def compute(root: Path) -> dict:
     src, tgt = pin_caches(root)
     runs = {f"{m}{'+ssr' if s else ''}": run_losses(src, tgt, root / f"run_{m}_{s}", m, s) for m, s in PIN_RUNS}
-    return {"stores": {"src": store_array_digest(src), "tgt": store_array_digest(tgt)}, "runs": runs}
+    return {"stores": {"src": store_array_digest(src), "tgt": store_array_digest(tgt)}, "runs": runs,
+            "torch": torch_version()}
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def loss_tolerance(pinned_torch: str | None) -> dict[str, float]:
+    """1e-6 under the torch release that wrote the pin. Another release sums in other orders inside its
+    kernels: measured 2.14.x vs the pin's previous release, losses drift by up to 4e-4 relative over 6
+    iterations, so across releases the pin still catches a changed method (percent-level), not a refactor's
+    last bits; re-pin (`--write`, own commit) when the CI's torch moves."""
+    if pinned_torch == torch_version():
+        return {"abs": 1e-6, "rel": 0}
+    return {"abs": 1e-5, "rel": 2e-3}
 
 
 if __name__ == "__main__":
