@@ -81,7 +81,7 @@ def build(
 
         _print_plan(describe_plan(cfg))
         return
-    from ssr_cache.build.pipeline import build_cache
+    from ssr_cache.build.pipeline import build_cache  # lazy, as the size estimate above
 
     result = build_cache(cfg, console=console)
     console.print(f"built {result.built_views} views, reused {result.reused_views}, "
