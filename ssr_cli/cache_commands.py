@@ -9,9 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ssr_cache.build.config import CacheBuildConfig
 from ssr_cache.data.datasets import DATASETS
 from ssr_cache.data.datasets.base import SHORT_SIDE_ONLY
 from ssr_cache.errors import SSRError
+from ssr_cache.store.inspect import store_info, verify_store
 from ssr_cli.parsing import parse_int_list, parse_resize, parse_size
 
 cache_app = typer.Typer(help="SAM feature caches: build, info, verify.", no_args_is_help=True)
@@ -62,8 +64,6 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
 ) -> None:
     """Run frozen SAM once over planned views and store multi-scale embeddings."""
-    from ssr_cache.build.config import CacheBuildConfig
-
     w, h = parse_size(crop, what="--crop")
     cfg = CacheBuildConfig(
         dataset=dataset, data_root=data_root, out=out, split=split, labelled=labelled,
@@ -74,12 +74,14 @@ def build(
         feature_dtype=feature_dtype, views_per_shard=views_per_shard, batch_size=batch_size, device=device,
         autocast=autocast, workers=workers, writer_threads=writer_threads, max_images=max_images, overwrite=overwrite,
     )
+    # Lazy: the size estimate and the build import the SAM encoder (segment_anything), which only the
+    # commands that run SAM load; `ssr train` in cache mode never does (tests/test_train_engine.py).
     if dry_run:
         from ssr_cache.build.size_estimate import describe_plan
 
         _print_plan(describe_plan(cfg))
         return
-    from ssr_cache.build.pipeline import build_cache
+    from ssr_cache.build.pipeline import build_cache  # lazy, as the size estimate above
 
     result = build_cache(cfg, console=console)
     console.print(f"built {result.built_views} views, reused {result.reused_views}, "
@@ -118,8 +120,6 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the store's facts as one JSON object."),
 ) -> None:
     """Dataset, labelled, label space, views, encoder, size on disk and compression ratio per array."""
-    from ssr_cache.store.inspect import store_info
-
     data = store_info(path)
     if as_json:
         print(json.dumps(data))
@@ -155,10 +155,9 @@ def verify(
     device: str = typer.Option("auto", help="Where --deep runs SAM: auto (CUDA when present), cpu, cuda:N."),
 ) -> None:
     """Every view done, every chunk readable, shapes/dtypes, no NaN/Inf (and --deep re-encoding)."""
-    from ssr_cache.store.inspect import verify_store
-
     deep_check = None
     if deep:
+        # Lazy: re-encoding loads the SAM encoder, which no other command needs (see `build`).
         from ssr_cache.store.deep_verify import deep_runtime_line, make_deep_check
 
         console.print(deep_runtime_line(path, device))

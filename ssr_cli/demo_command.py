@@ -17,6 +17,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed for data, plans and training."),
 ) -> None:
     """Synthesise two domains, cache vit_tiny features, train source-only and DAFormer+SSR, evaluate."""
+    # Lazy: the demo builds caches, so it imports the SAM encoder, which only the commands that run SAM load.
     from ssr_train.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.for_mode(out, quick=quick, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -66,8 +67,6 @@ def evaluate_command(
 
 
 def _print_scores(json_path: Path, context: dict, result) -> None:
-    import json
-
     record = json.loads(json_path.read_text())
     table = Table(title=f"{context['dataset']} {context['split']} ({result.n_images} images, {record['mode']})")
     table.add_column("class")

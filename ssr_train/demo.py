@@ -8,11 +8,23 @@ the backbone starts from random init and a higher learning rate is used); they a
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ssr_cache.build.config import CacheBuildConfig
+from ssr_cache.build.pipeline import build_cache
+from ssr_cache.data.datasets import open_dataset
+from ssr_cache.data.synthetic import synthesize
 from ssr_cache.errors import SSRError
+from ssr_train.infer.eval_results import EVAL_DIR, compare, eval_folder, read_eval, write_eval
+from ssr_train.infer.evaluate import evaluate
+from ssr_train.infer.plots import plot_class_iou, plot_iou_delta
+from ssr_train.infer.predictor import Predictor
+from ssr_train.infer.run_model import load_run_model
+from ssr_train.training.config import TrainConfig
+from ssr_train.training.engine import Trainer
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,6 @@ class DemoRow:
 
 
 def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow]:
-    from ssr_cache.build.config import CacheBuildConfig
-    from ssr_cache.build.pipeline import build_cache
-    from ssr_cache.data.synthetic import synthesize
-
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
         raise SSRError(f"{out} exists and is not a demo folder; choose an empty --out")
@@ -103,11 +111,6 @@ def run_demo(cfg: DemoConfig, *, console, progress: bool = True) -> list[DemoRow
 
 
 def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, progress) -> None:
-    import shutil
-
-    from ssr_train.training.config import TrainConfig
-    from ssr_train.training.engine import Trainer
-
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo re-run starts its runs afresh
     tc = TrainConfig()
@@ -121,12 +124,6 @@ def _train(cfg: DemoConfig, *, method, ssr, iters, run_dir, caches, console, pro
 
 
 def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_preds, write: bool = False):
-    from ssr_cache.data.datasets import open_dataset
-    from ssr_train.infer.eval_results import eval_folder, write_eval
-    from ssr_train.infer.evaluate import evaluate
-    from ssr_train.infer.predictor import Predictor
-    from ssr_train.infer.run_model import load_run_model
-
     loaded = load_run_model(run_dir)
     predictor = Predictor.from_run_model(loaded, resize=cfg.size, device="cpu")
     split = "val" if dataset == "cityscapes" else "all"
@@ -139,9 +136,6 @@ def _evaluate(run_dir: Path, dataset: str, root: Path, cfg: DemoConfig, *, save_
 
 
 def _plots(out: Path, rows) -> None:
-    from ssr_train.infer.eval_results import EVAL_DIR, compare, read_eval
-    from ssr_train.infer.plots import plot_class_iou, plot_iou_delta
-
     target = "cityscapes-val.json"
     for name, run_dir, _ in rows:
         ev = read_eval(run_dir / EVAL_DIR / target)

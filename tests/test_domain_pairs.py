@@ -107,7 +107,7 @@ def test_image_class_counts_are_the_full_resolution_counts(world):
     reference = compute_class_counts(ds, workers=1, progress=False).counts
     assert np.array_equal(store.image_class_counts(), reference)
     assert FeatureStore.open(world["stores"]["cs_target"]).image_class_counts() is None
-    sampler = RareClassSampler.from_store(store, temperature=0.01, min_pixels=3000)
+    sampler = RareClassSampler.from_store(store, temperature=0.01, min_pixels=3000, min_crop_ratio=0.5)
     drawn = sampler.draw(np.random.default_rng(0), 50)
     assert drawn.min() >= 0 and drawn.max() < store.n_views
     assert not sampler.class_probs[[9, 14, 16]].any()  # terrain, truck, train: not in SYNTHIA

@@ -279,7 +279,7 @@ def trained(tmp_path_factory):
     return run, cfg, ssr_model
 
 
-def test_load_run_model_builds_the_plain_model(trained, tmp_path):
+def test_load_run_model_builds_the_shadow_model(trained, tmp_path):
     run, cfg, ssr_model = trained
     loaded = load_run_model(run)
     model, loaded_cfg = loaded.model, loaded.config
@@ -309,7 +309,7 @@ def test_load_run_model_refuses_garbage_clearly(trained, tmp_path):
     with pytest.raises(SSRError, match="does not exist"):
         load_run_model(tmp_path / "missing")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(SSRError, match="cannot read .*text.pth as a model file"):
+    with pytest.raises(SSRError, match="cannot read model file .*text.pth"):
         load_run_model(tmp_path / "text.pth")
     torch.save({"method": {}, "optimizer": {}}, tmp_path / "latest.pth")
     with pytest.raises(SSRError, match="not a model file"):
@@ -332,5 +332,5 @@ def test_load_run_model_refuses_garbage_clearly(trained, tmp_path):
     with pytest.raises(SSRError, match="non-finite values .* head.classifier.bias"):
         load_run_model(tmp_path / "nan.pth")
     (tmp_path / "cut.pth").write_bytes((run / "model.pth").read_bytes()[:5000])
-    with pytest.raises(SSRError, match="cannot read .*cut.pth as a model file"):
+    with pytest.raises(SSRError, match="cannot read model file .*cut.pth"):
         load_run_model(tmp_path / "cut.pth")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ssr_cache.errors import SSRError
 from ssr_train.models.backbones import MIT_VARIANTS, create_backbone
 from ssr_train.models.mit_checkpoint import (
-    convert_mit_state_dict,
     load_mit_checkpoint,
+    mit_tensors,
     mmseg_to_timm_key,
     timm_to_mmseg_key,
 )
@@ -126,14 +126,19 @@ def mit_reference_forward(sd: dict[str, torch.Tensor], variant: str, x: torch.Te
     return outs
 
 
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter.*:UserWarning")  # meta backbone: shapes only
 @pytest.mark.parametrize("variant", ["mit_b0", "mit_b2"])
-def test_full_key_and_shape_mapping(variant: str) -> None:
+def test_full_key_and_shape_mapping(variant: str, tmp_path) -> None:
     mmseg = lazy_mmseg_state_dict(variant)
-    converted = convert_mit_state_dict(mmseg, variant=variant)
+    path = tmp_path / f"{variant}.pth"
+    torch.save(mmseg, path)
     with torch.device("meta"):
-        target = create_backbone(variant).body.state_dict()
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
-    assert len(converted) == len(mmseg) - 2  # only the classifier head is dropped
+        backbone = create_backbone(variant)
+    report = load_mit_checkpoint(backbone, path)  # refuses any shape that differs
+    target = backbone.body.state_dict()
+    assert report.loaded == tuple(target) and report.missing == () and report.unexpected == ()
+    assert report.dropped == ("head.weight", "head.bias")  # only the classifier head is dropped
+    assert len(report.loaded) == len(mmseg) - 2
     for mmseg_key in mmseg:
         if not mmseg_key.startswith("head."):
             assert timm_to_mmseg_key(mmseg_to_timm_key(mmseg_key)) == mmseg_key
@@ -175,9 +180,9 @@ def test_checkpoint_wrappers_are_unwrapped(wrap: str) -> None:
                                         for m in ("model", "ema_model", "imnet_model") for k, v in sd.items()}
                          | {"model.decode_head.conv_seg.bias": torch.zeros(19)}},
     }[wrap]
-    converted = convert_mit_state_dict(saved)
-    assert len(converted) == len(sd) - 2
-    assert converted["stages_3.blocks.1.mlp.dwconv.weight"] is sd["block4.1.mlp.dwconv.dwconv.weight"]
+    unwrapped = mit_tensors(saved)
+    assert unwrapped.keys() == sd.keys()
+    assert unwrapped["block4.1.mlp.dwconv.dwconv.weight"] is sd["block4.1.mlp.dwconv.dwconv.weight"]
 
 
 def test_load_covers_every_parameter_and_matches_reference_forward(tmp_path) -> None:
@@ -188,6 +193,7 @@ def test_load_covers_every_parameter_and_matches_reference_forward(tmp_path) -> 
     backbone = create_backbone("mit_b0", drop_path_rate=0.0)
     report = load_mit_checkpoint(backbone, path)
     assert report.variant == "mit_b0"
+    assert report.summary() == "backbone mit_b0: 176 tensors from mit_b0.pth, ImageNet classifier dropped (2)"
     assert len(report.loaded) == len(backbone.body.state_dict()) == 176
     assert report.missing == () and report.unexpected == ()
     assert report.dropped == ("head.weight", "head.bias")
@@ -236,8 +242,6 @@ def test_wrong_variant_names_both(tmp_path, saved: str, into: str) -> None:
         backbone = create_backbone(into)
     with pytest.raises(SSRError, match=f"holds {saved} weights but the backbone is {into}"):
         load_mit_checkpoint(backbone, path)
-    with pytest.raises(SSRError, match=f"holds {saved} weights but the backbone is {into}"):
-        convert_mit_state_dict(lazy_mmseg_state_dict(saved), variant=into)
 
 
 def test_pvtv2_checkpoint_is_a_shape_error(tmp_path) -> None:
@@ -256,6 +260,7 @@ def test_truncated_backbone_reports_unused_stages(tmp_path) -> None:
     report = load_mit_checkpoint(create_backbone("mit_b0", out_indices=(0, 1)), path)
     assert len(report.loaded) == 2 * (4 + 2 * 20 + 2)  # per stage: patch embed, 2 blocks, norm
     assert "block3.0.attn.q.weight" in report.unexpected and "norm4.bias" in report.unexpected
+    assert "unused (stages this backbone does not build)" in report.summary()
 
 
 def test_garbage_and_foreign_files(tmp_path) -> None:

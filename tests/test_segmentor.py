@@ -53,13 +53,13 @@ def test_forward_equals_plain_branch_of_forward_train(batch):
     torch.manual_seed(1)  # same dropout mask in train mode
     out = model.forward_train(img, sam)
     assert logits.shape == (2, 19, 8, 8)
-    assert torch.equal(logits, out["plain_logits"])
+    assert torch.equal(logits, out["shadow_logits"])
     assert out["enhanced_logits"].shape == (2, 19, 8, 8)
-    assert not torch.allclose(out["enhanced_logits"], out["plain_logits"])
+    assert not torch.allclose(out["enhanced_logits"], out["shadow_logits"])
     assert [f.shape[1] for f in out["feats"]] == [32, 64, 160, 256]
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(img), model.forward_train(img, sam)["plain_logits"])
+        assert torch.equal(model(img), model.forward_train(img, sam)["shadow_logits"])
 
 
 def test_enhanced_branch_shares_the_head(batch):
@@ -80,7 +80,7 @@ def test_without_regularizer_only_plain_loss(batch):
     assert out["enhanced_logits"] is None
     losses = ssr_loss(out, label)
     assert losses["loss_enhanced"] is None
-    assert torch.equal(losses["total"], segmentation_loss(out["plain_logits"], label))
+    assert torch.equal(losses["total"], segmentation_loss(out["shadow_logits"], label))
     # with a regulariser but no SAM features (e.g. a step without them) there is no enhanced branch
     assert make().forward_train(img)["enhanced_logits"] is None
 
@@ -90,10 +90,10 @@ def test_ssr_loss_sums_both_branches_and_trains_regularizer(batch):
     model = make(ssr_stages=(1, 2))
     out = model.forward_train(img, sam)
     losses = ssr_loss(out, label)
-    torch.testing.assert_close(losses["loss_plain"], segmentation_loss(out["plain_logits"], label))
+    torch.testing.assert_close(losses["loss_shadow"], segmentation_loss(out["shadow_logits"], label))
     torch.testing.assert_close(losses["loss_enhanced"], segmentation_loss(out["enhanced_logits"], label))
-    torch.testing.assert_close(losses["total"], losses["loss_plain"] + losses["loss_enhanced"])
-    losses["loss_plain"].backward(retain_graph=True)
+    torch.testing.assert_close(losses["total"], losses["loss_shadow"] + losses["loss_enhanced"])
+    losses["loss_shadow"].backward(retain_graph=True)
     assert all(p.grad is None for p in model.regularizer.parameters())
     losses["loss_enhanced"].backward()
     assert all(p.grad is not None for p in model.regularizer.parameters())
@@ -129,7 +129,7 @@ def test_shadow_state_dict_is_exactly_the_shadow_branch(batch):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(img), model(img))
-        assert torch.equal(loaded(img), model.forward_train(img, sam)["plain_logits"])
+        assert torch.equal(loaded(img), model.forward_train(img, sam)["shadow_logits"])
     # the export is a snapshot, not a view of the live weights
     before = exported["head.classifier.bias"].clone()
     with torch.no_grad():

@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from ssr_cache.errors import SSRError
 from ssr_cli.app import app
+from ssr_train.models.backbones import create_backbone
+from ssr_train.models.mit_checkpoint import timm_to_mmseg_key
 from ssr_train.training.checkpoint import load_checkpoint, non_finite_tensors
 
 
@@ -68,6 +70,19 @@ def test_a_backbone_without_checkpoint_is_an_error_that_names_the_reference(cach
     message = fails(args)
     assert "mit_b5.pth" in message and "--backbone-checkpoint none" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_backbone_checkpoint_is_reported_in_one_line(caches, tmp_path):
+    src, _ = caches
+    torch.manual_seed(0)
+    weights = create_backbone("mit_b0").body.state_dict()
+    checkpoint = tmp_path / "mit_b0.pth"
+    torch.save({timm_to_mmseg_key(k): v for k, v in weights.items()}, checkpoint)  # SegFormer's names
+    args = tiny_train_args(src, tmp_path / "run", "--iters", "1", "--no-ssr")
+    args[args.index("--backbone-checkpoint") + 1] = str(checkpoint)
+    result = invoke(args)
+    assert result.exit_code == 0, result.output[-2000:]
+    assert "backbone mit_b0: 176 tensors from mit_b0.pth" in result.output
 
 
 def test_first_line_and_run_record_state_device_precision_threads_and_initialisation(finished_run):

@@ -4,10 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from ssr_train.methods.daformer import DAFormerConfig
 from ssr_train.models.backbones import create_backbone
 from ssr_train.models.segmentor import build_segmentor
 from ssr_train.uda.ema import ema_alpha, make_teacher, teacher_train_mode, update_ema
 from ssr_train.uda.pseudo_label import ignore_rows_for, pseudo_labels
+
+REF = DAFormerConfig()  # the reference values live in the method's config
+ALPHA = REF.ema_alpha
+ROWS = {"ignore_top": REF.pseudo_ignore_top, "ignore_bottom": REF.pseudo_ignore_bottom}
 
 
 class Tiny(nn.Module):
@@ -23,11 +28,11 @@ class Tiny(nn.Module):
 
 
 def test_alpha_schedule():
-    assert ema_alpha(0) == 0.0
-    assert ema_alpha(1) == 0.5
-    assert ema_alpha(10) == 1 - 1 / 11
-    assert ema_alpha(999) == 0.999
-    assert ema_alpha(5000) == 0.999
+    assert ema_alpha(0, alpha_max=ALPHA) == 0.0
+    assert ema_alpha(1, alpha_max=ALPHA) == 0.5
+    assert ema_alpha(10, alpha_max=ALPHA) == 1 - 1 / 11
+    assert ema_alpha(999, alpha_max=ALPHA) == 0.999
+    assert ema_alpha(5000, alpha_max=ALPHA) == 0.999
     assert ema_alpha(5000, alpha_max=0.9999) == 1 - 1 / 5001
 
 
@@ -55,7 +60,7 @@ def test_update_ema_formula(it):
         student.backbone[1].running_mean.fill_(-3.0)
     before = {n: p.clone() for n, p in teacher.named_parameters()}
     alpha = update_ema(teacher, student, it, alpha_max=0.999)
-    assert alpha == ema_alpha(it, 0.999)
+    assert alpha == ema_alpha(it, alpha_max=0.999)
     for name, p in teacher.named_parameters():
         s = dict(student.named_parameters())[name].detach()
         expected = s if it == 0 else alpha * before[name] + (1 - alpha) * s
@@ -71,7 +76,7 @@ def test_update_ema_it0_is_exact_copy_even_over_nan():
     with torch.no_grad():
         for p in teacher.parameters():
             p.fill_(float("nan"))
-    update_ema(teacher, student, 0)
+    update_ema(teacher, student, 0, alpha_max=ALPHA)
     s = dict(student.named_parameters())
     for name, p in teacher.named_parameters():
         assert torch.equal(p, s[name]), name
@@ -82,9 +87,9 @@ def test_update_ema_numbers():
     with torch.no_grad():
         student.weight.fill_(1.0)
         teacher.weight.fill_(0.0)
-    update_ema(teacher, student, 1)  # alpha 0.5
+    update_ema(teacher, student, 1, alpha_max=ALPHA)  # alpha 0.5
     assert teacher.weight.item() == 0.5
-    update_ema(teacher, student, 3)  # alpha 0.75: 0.75 * 0.5 + 0.25
+    update_ema(teacher, student, 3, alpha_max=ALPHA)  # alpha 0.75: 0.75 * 0.5 + 0.25
     assert teacher.weight.item() == 0.625
 
 
@@ -105,7 +110,7 @@ def test_teacher_of_real_segmentor():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    update_ema(teacher, student, 1)  # regulariser parameters of the student are skipped
+    update_ema(teacher, student, 1, alpha_max=ALPHA)  # regulariser parameters of the student are skipped
     name, p = next(iter(teacher.named_parameters()))
     assert torch.allclose(p, dict(student.named_parameters())[name] - 0.5)
     img = torch.randn(2, 3, 32, 32)
@@ -122,7 +127,7 @@ def _logits(confident_rows: slice, batch: int = 2, h: int = 8, w: int = 4) -> to
 
 
 def test_pseudo_weight_is_one_batch_scalar_and_rows_zeroed():
-    labels, weight = pseudo_labels(_logits(slice(0, 4)), ignore_top=1, ignore_bottom=2, scale_rows=False)
+    labels, weight = pseudo_labels(_logits(slice(0, 4)), threshold=REF.pseudo_threshold, ignore_top=1, ignore_bottom=2, scale_rows=False)
     assert labels.dtype == torch.long and labels.shape == (2, 8, 4)
     assert torch.equal(labels[0], torch.zeros(8, 4, dtype=torch.long))
     assert torch.equal(labels[1], torch.full((8, 4), 2))
@@ -134,32 +139,32 @@ def test_pseudo_weight_is_one_batch_scalar_and_rows_zeroed():
 
 
 def test_pseudo_weight_counts_ignored_rows():
-    _, weight = pseudo_labels(_logits(slice(0, 1)), ignore_top=1, ignore_bottom=0, scale_rows=False)
+    _, weight = pseudo_labels(_logits(slice(0, 1)), threshold=REF.pseudo_threshold, ignore_top=1, ignore_bottom=0, scale_rows=False)
     assert torch.equal(weight[:, 1:], torch.full((2, 7, 4), 4 / 64))
     assert torch.equal(weight[:, 0], torch.zeros(2, 4))
 
 
 def test_ignore_rows_scale_with_small_crops():
-    assert ignore_rows_for(512) == (15, 120)
-    assert ignore_rows_for(1024) == (15, 120)
-    assert ignore_rows_for(256) == (8, 60)
-    assert ignore_rows_for(64) == (2, 15)
-    assert ignore_rows_for(64, scale_rows=False) == (15, 120)
+    assert ignore_rows_for(512, **ROWS) == (15, 120)
+    assert ignore_rows_for(1024, **ROWS) == (15, 120)
+    assert ignore_rows_for(256, **ROWS) == (8, 60)
+    assert ignore_rows_for(64, **ROWS) == (2, 15)
+    assert ignore_rows_for(64, **ROWS, scale_rows=False) == (15, 120)
     logits = torch.zeros(1, 2, 64, 8)
     logits[:, 0] = 10.0
-    _, weight = pseudo_labels(logits)  # everything confident -> scalar 1
+    _, weight = pseudo_labels(logits, threshold=REF.pseudo_threshold, **ROWS)  # everything confident -> scalar 1
     rows = weight[0, :, 0]
     assert torch.equal(rows[:2], torch.zeros(2))
     assert torch.equal(rows[2:49], torch.ones(47))
     assert torch.equal(rows[49:], torch.zeros(15))
-    _, unscaled = pseudo_labels(logits, scale_rows=False)
+    _, unscaled = pseudo_labels(logits, threshold=REF.pseudo_threshold, **ROWS, scale_rows=False)
     assert unscaled.sum().item() == 0  # 15 + 120 rows cover the whole 64-pixel crop
 
 
 def test_pseudo_labels_upsample_to_size():
     logits = torch.zeros(1, 2, 2, 2)
     logits[0, 1, 0, 0] = 10.0
-    labels, weight = pseudo_labels(logits, ignore_top=0, ignore_bottom=0, size=(8, 8))
+    labels, weight = pseudo_labels(logits, threshold=REF.pseudo_threshold, ignore_top=0, ignore_bottom=0, size=(8, 8))
     assert labels.shape == weight.shape == (1, 8, 8)
     assert labels[0, 0, 0].item() == 1 and labels[0, 7, 7].item() == 0
     assert torch.equal(weight, torch.full((1, 8, 8), weight[0, 0, 0].item()))

@@ -112,15 +112,15 @@ def test_strong_transform_identity_when_nothing_fires():
     img = _image(0)
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
-        out = strong_transform(img, generator=g, color_jitter_p=1.0, blur=False)
+        out = strong_transform(img, generator=g, color_jitter_s=0.2, color_jitter_p=1.0, blur=False)
         assert torch.equal(out, img)
 
 
 def test_strong_transform_jitter_always_with_p0():
     img = _image(1)
-    out = strong_transform(img, generator=torch.Generator().manual_seed(0), color_jitter_p=0.0, blur=False)
-    again = strong_transform(img, generator=torch.Generator().manual_seed(0), color_jitter_p=0.0, blur=False)
-    other = strong_transform(img, generator=torch.Generator().manual_seed(1), color_jitter_p=0.0, blur=False)
+    out = strong_transform(img, generator=torch.Generator().manual_seed(0), color_jitter_s=0.2, color_jitter_p=0.0, blur=False)
+    again = strong_transform(img, generator=torch.Generator().manual_seed(0), color_jitter_s=0.2, color_jitter_p=0.0, blur=False)
+    other = strong_transform(img, generator=torch.Generator().manual_seed(1), color_jitter_s=0.2, color_jitter_p=0.0, blur=False)
     assert out.shape == img.shape and out.dtype == img.dtype
     assert torch.equal(out, again) and not torch.equal(out, other)
     assert not torch.allclose(out, img)
@@ -131,7 +131,8 @@ def test_strong_transform_jitter_always_with_p0():
 def test_strong_transform_jitter_rate_follows_reference_comparison():
     img = _image(2, b=1, h=4, w=4)
     fired = sum(
-        not torch.equal(strong_transform(img, generator=torch.Generator().manual_seed(s), blur=False), img)
+        not torch.equal(strong_transform(img, generator=torch.Generator().manual_seed(s), color_jitter_s=0.2, color_jitter_p=0.2,
+                                   blur=False), img)
         for s in range(400)
     )
     assert abs(fired / 400 - 0.8) < 4 * math.sqrt(0.8 * 0.2 / 400)  # applied when u > p = 0.2
@@ -144,7 +145,7 @@ def _high_freq(x: torch.Tensor) -> float:
 def test_strong_transform_blur_removes_high_frequencies():
     img = _image(3)
     seeds = [torch.Generator().manual_seed(s) for s in range(20)]
-    blurred = [strong_transform(img, generator=g, color_jitter_p=1.0) for g in seeds]
+    blurred = [strong_transform(img, generator=g, color_jitter_s=0.2, color_jitter_p=1.0, blur=True) for g in seeds]
     changed = [b for b in blurred if not torch.equal(b, img)]
     assert changed, "blur never fired in 20 seeds"
     for out in changed:
@@ -181,7 +182,7 @@ def test_hsv_conversion():
 
 
 def test_block_size_scales_with_crop():
-    assert [block_size_for(c) for c in (512, 1024, 256, 64, 16, 8)] == [32, 64, 16, 4, 1, 1]
+    assert [block_size_for(c, base=32) for c in (512, 1024, 256, 64, 16, 8)] == [32, 64, 16, 4, 1, 1]
 
 
 def test_mic_mask_ratio_and_blocks():

@@ -6,7 +6,7 @@ as numpy. Preprocessing (keep-ratio resize as in training, normalisation) runs i
 
 Modes, as mmseg (DAFormer/MIC/SSR) evaluates: "whole" — the rescaled image in one forward pass; "slide" —
 ``crop`` windows every ``stride`` pixels whose logits are averaged where they overlap. ``flip`` averages
-the softmax of the plain and the mirrored (then un-mirrored) prediction, as mmseg's ``aug_test`` does.
+the softmax of the unmirrored and the mirrored (then un-mirrored) prediction, as mmseg's ``aug_test`` does.
 The head predicts at 1/4 resolution; logits are upsampled bilinearly to the input image's size.
 """
 
@@ -93,7 +93,7 @@ def predict_scores(model: nn.Module, img: Tensor, *, out_size: tuple[int, int], 
     """Class scores (B, C, *out_size) of a normalised batch ``img`` (B, 3, H, W); argmax is the prediction.
 
     Without flip these are the logits (upsampled to ``out_size``); with flip, the mean of the softmax of
-    the plain prediction and of the prediction on the mirrored image, mirrored back.
+    the unmirrored prediction and of the prediction on the mirrored image, mirrored back.
     """
     if mode not in MODES:
         raise SSRError(f"unknown inference mode {mode!r}; choose one of: {', '.join(MODES)}")

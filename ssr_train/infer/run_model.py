@@ -9,23 +9,21 @@ space and the training resize come with it, so nothing downstream assumes Citysc
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
 from ssr_cache.errors import SSRError
 from ssr_cache.store.feature_store import FeatureStore
 from ssr_train.models.backbones import create_backbone
-from ssr_train.models.segmentor import build_shadow_segmentor
+from ssr_train.models.segmentor import SHADOW_PREFIXES, build_shadow_segmentor
+from ssr_train.training.checkpoint import load_checkpoint, non_finite_tensors
 from ssr_train.training.config import TrainConfig, config_from_dict, load_config
 
 CHECKPOINTS = {"model": "model.pth", "best": "best.pth", "latest": "latest.pth"}
 DEFAULT_RESIZE = (1024, 512)  # Cityscapes' training size, for runs whose caches cannot be opened
-SHADOW_PREFIXES = ("backbone.", "head.")
 _METHOD_MODEL_PREFIX = "model."  # latest.pth: the method's state holds the student under model.*
 
 
@@ -39,20 +37,6 @@ class RunModel:
     resize: tuple[int, int]  # (W, H) keep-ratio training size
     path: Path  # the file the weights came from
     info: dict = field(default_factory=dict)  # backbone init, SAM random init, iteration …
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def read_model_file(path: Path) -> object:
-    """torch.load with ``weights_only=True`` (a checkpoint is data, never code), errors as one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
-            TypeError, KeyError) as exc:
-        raise SSRError(f"cannot read {path} as a model file: {_first_line(exc)}") from None
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -87,9 +71,9 @@ def _shadow_state(obj: object, file: Path) -> tuple[dict, dict | None, dict]:
 
 
 def _check_finite(state: dict, file: Path) -> None:
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise SSRError(f"{file} holds non-finite values (NaN or inf) in {name}: the model is unusable")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise SSRError(f"{file} holds non-finite values (NaN or inf) in {bad[0]}: the model is unusable")
 
 
 def _summarise(keys: list[str]) -> str:
@@ -163,7 +147,9 @@ def load_run_model(path: str | os.PathLike, checkpoint: str = "model") -> RunMod
     architecture are one line (SSRError).
     """
     file = _model_path(Path(path), checkpoint)
-    state, config_dict, entries = _shadow_state(read_model_file(file), file)
+    # only the shadow branch is used, so only it is checked for NaN/Inf (_check_finite below)
+    obj = load_checkpoint(file, what="model file", check_finite=False)
+    state, config_dict, entries = _shadow_state(obj, file)
     if not _is_state_dict(state):
         raise SSRError(f"{file} is not a model file (expected {{'state_dict': ...}}, a training checkpoint "
                        "or a state dict)")

@@ -46,6 +46,8 @@ class DAFormerConfig:
     fd_scale_min_ratio: float = setting(0.75, "Label downscale purity ratio for FD cells.", gt=0.0, max=1.0)
     rcs_temperature: float = setting(0.01, "Rare-class sampling temperature (0: uniform sampling).", min=0.0)
     rcs_min_pixels: int = setting(3000, "Pixels of a class an image needs to be drawn for it.", min=0)
+    rcs_min_crop_ratio: float = setting(0.5, "Share of rcs_min_pixels a view needs to be drawn for the class.",
+                                        min=0.0, max=1.0)
 
 
 class DAFormer(Method):
@@ -69,7 +71,8 @@ class DAFormer(Method):
         if not c.rcs_temperature:
             return None
         try:
-            sampler = RareClassSampler.from_store(store, temperature=c.rcs_temperature, min_pixels=c.rcs_min_pixels)
+            sampler = RareClassSampler.from_store(store, temperature=c.rcs_temperature, min_pixels=c.rcs_min_pixels,
+                                                  min_crop_ratio=c.rcs_min_crop_ratio)
         except ValueError as exc:
             raise SSRError(f"rare-class sampling on {store.url}: {exc}") from None
         return sampler.draw
@@ -77,7 +80,7 @@ class DAFormer(Method):
     def step(self, it: int, source: dict, target: dict | None = None) -> dict[str, float]:
         log: dict[str, Tensor] = {}  # read back once, at the end
         # 2 (first, as DACS does): the EMA teacher follows the student of the previous iteration.
-        update_ema(self.teacher, self.model, it, self.settings.ema_alpha)
+        update_ema(self.teacher, self.model, it, alpha_max=self.settings.ema_alpha)
         loss_src = self._source_loss(source, log)
         loss_src.backward()
         pseudo_label, pseudo_weight = self._pseudo_labels(target["img"], log)
@@ -93,7 +96,7 @@ class DAFormer(Method):
         c = self.settings
         out = self.model.forward_train(source["img"], sam=self.sam.source(source))
         src = ssr_loss(out, source["label"], mean_over="all")
-        log["loss_src"] = src["loss_plain"]
+        log["loss_src"] = src["loss_shadow"]
         if src["loss_enhanced"] is not None:
             log["loss_src_ssr"] = src["loss_enhanced"]
         loss = src["total"]
@@ -132,7 +135,7 @@ class DAFormer(Method):
         mix_weight = mixed_pixel_weight(mask, pseudo_weight)
         out = self.model.forward_train(mix_img, sam=self.sam.mixed(mask, source, target, mix_img))
         mixed = ssr_loss(out, mix_label, mix_weight, mean_over="all")
-        log["loss_mix"] = mixed["loss_plain"]
+        log["loss_mix"] = mixed["loss_shadow"]
         if mixed["loss_enhanced"] is not None:
             log["loss_mix_ssr"] = mixed["loss_enhanced"]
         return mixed["total"]

@@ -20,7 +20,7 @@ class SamFeatureSource:
         self.online = online and level is not None
         self.encoder = None
         if self.online:
-            # Imported only here: in cache mode the trainer never imports segment_anything.
+            # Lazy: in cache mode the trainer never imports segment_anything (tests/test_train_engine.py).
             from ssr_cache.sam_encoder import build_sam_encoder
 
             self.encoder = build_sam_encoder(encoder_name, checkpoint, seed=seed, device=device)

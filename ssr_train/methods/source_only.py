@@ -14,7 +14,7 @@ class SourceOnly(Method):
         out = self.model.forward_train(source["img"], sam=self.sam.source(source))
         losses = ssr_loss(out, source["label"], mean_over="all")
         losses["total"].backward()
-        log = {"loss": losses["total"], "loss_src": losses["loss_plain"]}
+        log = {"loss": losses["total"], "loss_src": losses["loss_shadow"]}
         if losses["loss_enhanced"] is not None:
             log["loss_src_ssr"] = losses["loss_enhanced"]
         return read_scalars(log)

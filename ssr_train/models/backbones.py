@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ssr_cache.errors import SSRError
-from ssr_train.models.mit_checkpoint import load_mit_checkpoint
+from ssr_train.models.mit_checkpoint import LoadReport, load_mit_checkpoint
 from ssr_train.models.mit_variants import MIT_VARIANTS
 
 
@@ -33,6 +33,7 @@ class Backbone(nn.Module):
         self.out_channels: tuple[int, ...] = tuple(body.feature_info.channels())
         # Some timm models (Swin, ...) emit channels-last features; the interface promises NCHW.
         self.channels_last = getattr(getattr(body, "output_fmt", None), "value", "NCHW") == "NHWC"
+        self.checkpoint_report: LoadReport | None = None  # set when MiT weights came from a checkpoint
 
     @property
     def is_mit(self) -> bool:
@@ -92,5 +93,5 @@ def create_backbone(
 
     backbone = Backbone(name, body)
     if checkpoint is not None and spec is not None:
-        load_mit_checkpoint(backbone, checkpoint)
+        backbone.checkpoint_report = load_mit_checkpoint(backbone, checkpoint)
     return backbone

@@ -35,13 +35,26 @@ _WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What `load_mit_checkpoint` did. `missing` is non-empty only with strict=False."""
+    """What `load_mit_checkpoint` did; the trainer prints its `summary()`. `missing` is non-empty only
+    with strict=False."""
 
+    path: Path
     variant: str
     loaded: tuple[str, ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     dropped: tuple[str, ...]  # the ImageNet classifier, never part of a backbone
+
+    def summary(self) -> str:
+        """One line: what came from which file, and what was left out."""
+        parts = [f"backbone {self.variant}: {len(self.loaded)} tensors from {self.path.name}"]
+        if self.dropped:
+            parts.append(f"ImageNet classifier dropped ({len(self.dropped)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unused (stages this backbone does not build)")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (left at random init)")
+        return ", ".join(parts)
 
 
 def mit_tensors(obj: object) -> dict[str, torch.Tensor]:
@@ -118,17 +131,6 @@ def infer_mit_variant(timm_sd: Mapping[str, torch.Tensor]) -> str:
     raise SSRError(f"checkpoint matches no MiT variant (stage widths {tuple(dims)}, depths {tuple(depths)})")
 
 
-def convert_mit_state_dict(mmseg_sd: Mapping, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """mmseg-named MiT weights -> timm `features_only` names; checks the variant when one is given."""
-    converted, _, _, _ = _split(mit_tensors(mmseg_sd))
-    if not converted:
-        raise SSRError("not a MiT checkpoint: no patch_embed*/block*/norm* keys found")
-    found = infer_mit_variant(converted)
-    if variant is not None and found != variant:
-        raise SSRError(f"checkpoint holds {found} weights but the backbone is {variant}")
-    return converted
-
-
 def load_mit_checkpoint(backbone: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
     """Fill a MiT `backbone` from a SegFormer/DAFormer checkpoint; every parameter must be covered."""
     if not backbone.is_mit:
@@ -157,6 +159,7 @@ def load_mit_checkpoint(backbone: nn.Module, path: str | Path, *, strict: bool =
     unexpected += [origin[k] for k in converted if k not in target]
     backbone.body.load_state_dict({k: v for k, v in converted.items() if k in target}, strict=False)
     return LoadReport(
+        path=path,
         variant=found,
         loaded=tuple(k for k in target if k in converted),
         missing=tuple(missing),

@@ -13,10 +13,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_train.models.daformer_head import DAFormerHead
 from ssr_train.models.ssr_regularizer import SamInput, SSRRegularizer
 
-IGNORE_INDEX = 255
 SHADOW_PREFIXES = ("backbone.", "head.")
 
 
@@ -41,16 +41,16 @@ class SSRSegmentor(nn.Module):
     def forward_train(self, img: Tensor, sam: SamInput | None = None) -> dict[str, Any]:
         """Both branches on one backbone pass.
 
-        Returns ``plain_logits``, ``enhanced_logits`` (None without a regulariser or without ``sam``)
+        Returns ``shadow_logits``, ``enhanced_logits`` (None without a regulariser or without ``sam``)
         and ``feats`` (the backbone stage maps, e.g. for ImageNet feature distance). As in the
         reference the head runs twice, so each branch gets its own BatchNorm batch statistics.
         """
         feats = self.extract_features(img)
-        plain_logits = self.head(feats)
+        shadow_logits = self.head(feats)
         enhanced_logits = None
         if self.regularizer is not None and sam is not None:
             enhanced_logits = self.head(self.regularizer(feats, sam))
-        return {"plain_logits": plain_logits, "enhanced_logits": enhanced_logits, "feats": feats}
+        return {"shadow_logits": shadow_logits, "enhanced_logits": enhanced_logits, "feats": feats}
 
     def shadow_state_dict(self) -> dict[str, Tensor]:
         """The shadow branch's state (parameters and BN buffers), regulariser dropped, detached copies."""
@@ -118,15 +118,15 @@ def segmentation_loss(
 def ssr_loss(
     out: dict[str, Any], label: Tensor, weight: Tensor | None = None, *, mean_over: str = "valid"
 ) -> dict[str, Tensor | None]:
-    """SSR objective: CE(plain) + CE(enhanced), weight 1 each (reference SSR).
+    """SSR objective: CE(shadow) + CE(enhanced), weight 1 each (reference SSR).
 
     ``out`` is ``forward_train`` output; ``weight`` and ``mean_over`` are as in ``segmentation_loss``.
-    Without enhanced logits, ``loss_enhanced`` is None and ``total`` is CE(plain).
+    Without enhanced logits, ``loss_enhanced`` is None and ``total`` is CE(shadow).
     """
-    loss_plain = segmentation_loss(out["plain_logits"], label, weight, mean_over=mean_over)
+    loss_shadow = segmentation_loss(out["shadow_logits"], label, weight, mean_over=mean_over)
     loss_enhanced = None
-    total = loss_plain
+    total = loss_shadow
     if out.get("enhanced_logits") is not None:
         loss_enhanced = segmentation_loss(out["enhanced_logits"], label, weight, mean_over=mean_over)
-        total = loss_plain + loss_enhanced
-    return {"loss_plain": loss_plain, "loss_enhanced": loss_enhanced, "total": total}
+        total = loss_shadow + loss_enhanced
+    return {"loss_shadow": loss_shadow, "loss_enhanced": loss_enhanced, "total": total}

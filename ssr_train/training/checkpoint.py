@@ -58,9 +58,12 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     write_atomic(path, write, fsync=True, what="checkpoint")
 
 
-def load_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
+def load_checkpoint(path: str | Path, *, what: str = "checkpoint", check_finite: bool = True) -> Any:
     """The object in a torch file, on the CPU, loaded with weights_only=True. Missing, unreadable, foreign
-    (needs code to unpickle) or non-finite files are one-line SSRErrors."""
+    (needs code to unpickle) or — with ``check_finite`` — non-finite files are one-line SSRErrors.
+
+    ``check_finite=False`` is for callers that use only part of the file and check that part themselves
+    (inference keeps the shadow branch of a file whose other entries it ignores)."""
     path = Path(path)
     if not path.is_file():
         raise SSRError(f"{what} not found: {path}")
@@ -71,10 +74,12 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
         if "Unsupported global" in str(exc):  # a pickle of arbitrary objects, not a torn file
             raise SSRError(f"{path} is not a checkpoint ssr can read safely (it needs arbitrary code to load)") from None
         raise SSRError(f"cannot read {what} {path} (truncated or corrupt?)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError,
+            zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SSRError(f"cannot read {what} {path} (truncated or corrupt?): {reason}") from None
-    _refuse_non_finite(obj, path, "refusing")
+    if check_finite:
+        _refuse_non_finite(obj, path, "refusing")
     return obj
 
 

@@ -139,6 +139,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, num_classes=stores.label_space.num_classes,
                             sam_channels=source.layout.channels).to(self.device)
+        if model.backbone.checkpoint_report is not None:
+            self.say(model.backbone.checkpoint_report.summary())
         setup = MethodSetup(model=model, sam=sam, label_space=stores.label_space, settings=cfg.methods,
                             seed=cfg.run.seed, rank=self.rank)
         method = METHODS[cfg.run.method](setup).to(self.device)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssr_cache.data.labels import IGNORE_INDEX
+
 
 def _choose_half(classes: Tensor, generator: torch.Generator) -> Tensor:
     n = classes.numel()
@@ -31,7 +33,7 @@ def classmix_masks(
     generator: torch.Generator,
     per_image_classes: bool = False,
     exclude_ignore: bool = False,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Float 0/1 masks (B,1,H,W), 1 where the source pixel is pasted; labels are (B,H,W) or (B,1,H,W)."""
     labels = source_labels[:, 0] if source_labels.dim() == 4 else source_labels

@@ -1,6 +1,6 @@
 """EMA teacher (DACS / DAFormer ``_init_ema_weights`` + ``_update_ema``).
 
-The teacher is a plain segmentor: the SSR regulariser is dropped, so pseudo-labels come from the plain
+The teacher is a segmentor without the SSR regulariser, so pseudo-labels come from the shadow
 branch only, as in the reference where the regulariser lives outside the EMA-copied segmentor.
 
 Only parameters follow the student. Buffers (BatchNorm running statistics) are never copied by the
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 
-def ema_alpha(it: int, alpha_max: float = 0.999) -> float:
+def ema_alpha(it: int, *, alpha_max: float) -> float:
     """Teacher momentum at iteration ``it``: ``min(1 - 1/(it+1), alpha_max)``; 0 at it=0 (plain copy)."""
     return min(1.0 - 1.0 / (it + 1), alpha_max)
 
@@ -33,14 +33,14 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_ema(teacher: nn.Module, student: nn.Module, it: int, alpha_max: float = 0.999) -> float:
+def update_ema(teacher: nn.Module, student: nn.Module, it: int, *, alpha_max: float) -> float:
     """``teacher = alpha * teacher + (1 - alpha) * student`` for every teacher parameter, matched by name.
 
     At ``it == 0`` (alpha 0) the student parameters are copied exactly, as ``_init_ema_weights`` does.
     Student parameters the teacher lacks (the regulariser) are skipped; buffers are left alone.
     Returns the alpha used.
     """
-    alpha = ema_alpha(it, alpha_max)
+    alpha = ema_alpha(it, alpha_max=alpha_max)
     student_params = dict(student.named_parameters())
     for name, t in teacher.named_parameters():
         s = student_params[name].detach()

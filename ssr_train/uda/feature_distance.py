@@ -22,7 +22,7 @@ from ssr_cache.data.labels import IGNORE_INDEX
 
 
 def downscale_label_ratio(
-    gt: Tensor, scale_factor: int, min_ratio: float, num_classes: int, ignore_index: int = 255
+    gt: Tensor, scale_factor: int, min_ratio: float, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """(B,H,W) or (B,1,H,W) label -> (B,1,H//s,W//s): the majority class of each s×s cell, or
     ``ignore_index`` when that class covers less than ``min_ratio`` of the cell or is the ignore value."""

@@ -3,7 +3,7 @@
 A (B,1,round(H/b),round(W/b)) grid is drawn uniformly; a block is kept where the draw is > ``mask_ratio``,
 so ``mask_ratio`` is the expected masked fraction. The grid is upsampled with nearest interpolation to
 (H, W) and multiplies the image (masked pixels become 0 in normalised space, i.e. the mean colour).
-The reference block size 32 is for 512 crops; ``block_size_for`` scales it for other crop sizes.
+The block size (``[mic] block_size``) is for 512 crops; ``block_size_for`` scales it for other crop sizes.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssr_train.uda import REFERENCE_CROP
 
-def block_size_for(crop: int, base: int = 32, base_crop: int = 512) -> int:
-    """Block size for a ``crop``-pixel crop, proportional to ``base`` at ``base_crop`` (at least 1)."""
-    return max(1, round(base * crop / base_crop))
+
+def block_size_for(crop: int, *, base: int) -> int:
+    """Block size for a ``crop``-pixel crop, proportional to ``base`` at 512-pixel crops (at least 1)."""
+    return max(1, round(base * crop / REFERENCE_CROP))
 
 
 @dataclass(frozen=True)
 class BlockMaskGenerator:
-    mask_ratio: float = 0.7
-    mask_block_size: int = 32
+    mask_ratio: float
+    mask_block_size: int
 
     @torch.no_grad()
     def generate_mask(self, imgs: Tensor, *, generator: torch.Generator) -> Tensor:

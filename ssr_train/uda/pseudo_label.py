@@ -7,9 +7,10 @@ As in DAFormer/MIC ``get_pseudo_label_and_weight`` + ``filter_valid_pseudo_regio
 * the scalar counts every row; afterwards the weight is zeroed on the top ``ignore_top`` and bottom
   ``ignore_bottom`` rows (rectification artefacts / ego-car in Cityscapes).
 
-The reference row counts (15, 120) are meant for 512-pixel-high crops. With ``scale_rows=True`` (default)
-crops lower than ``base_height`` get them scaled proportionally (e.g. 2 and 15 rows for a 64-pixel crop,
-which would otherwise be ignored entirely); crops of ``base_height`` or more keep the reference numbers.
+The reference row counts (``[daformer] pseudo_ignore_top/bottom``: 15, 120) are meant for 512-pixel-high
+crops. With ``scale_rows=True`` (default) lower crops get them scaled proportionally (e.g. 2 and 15 rows
+for a 64-pixel crop, which would otherwise be ignored entirely); crops of 512 or more keep the reference
+numbers.
 """
 
 from __future__ import annotations
@@ -18,30 +19,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssr_train.uda import REFERENCE_CROP
+
 
 def ignore_rows_for(
     height: int,
     *,
-    ignore_top: int = 15,
-    ignore_bottom: int = 120,
+    ignore_top: int,
+    ignore_bottom: int,
     scale_rows: bool = True,
-    base_height: int = 512,
 ) -> tuple[int, int]:
-    """Rows (top, bottom) to zero for a crop of ``height``; scaled by ``height / base_height`` below it."""
-    if not scale_rows or height >= base_height:
+    """Rows (top, bottom) to zero for a crop of ``height``; scaled by ``height / REFERENCE_CROP`` below it."""
+    if not scale_rows or height >= REFERENCE_CROP:
         return ignore_top, ignore_bottom
-    return round(ignore_top * height / base_height), round(ignore_bottom * height / base_height)
+    return round(ignore_top * height / REFERENCE_CROP), round(ignore_bottom * height / REFERENCE_CROP)
 
 
 @torch.no_grad()
 def pseudo_labels(
     teacher_logits: Tensor,
     *,
-    threshold: float = 0.968,
-    ignore_top: int = 15,
-    ignore_bottom: int = 120,
+    threshold: float,
+    ignore_top: int,
+    ignore_bottom: int,
     scale_rows: bool = True,
-    base_height: int = 512,
     size: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(labels long (B,H,W), weight float (B,H,W))`` from ``teacher_logits`` (B,C,h,w).
@@ -56,8 +57,7 @@ def pseudo_labels(
     confident = (prob >= threshold).sum().item()
     weight = torch.full_like(prob, confident / prob.numel())
     top, bottom = ignore_rows_for(
-        prob.shape[1], ignore_top=ignore_top, ignore_bottom=ignore_bottom, scale_rows=scale_rows,
-        base_height=base_height,
+        prob.shape[1], ignore_top=ignore_top, ignore_bottom=ignore_bottom, scale_rows=scale_rows
     )
     if top > 0:
         weight[:, :top, :] = 0

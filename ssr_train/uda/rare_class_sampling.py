@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
-BASE_CROP = 512  # the reference's crop size, at which its thresholds apply
+from ssr_train.uda import REFERENCE_CROP
 
 
-def min_pixels_for_crop(min_pixels: int, crop_hw: tuple[int, int], base_crop: int = BASE_CROP) -> int:
-    """``min_pixels`` scaled by crop area / ``base_crop``², only for crops smaller than that."""
+def min_pixels_for_crop(min_pixels: int, crop_hw: tuple[int, int]) -> int:
+    """``min_pixels`` scaled by crop area / 512², only for crops smaller than that."""
     area = crop_hw[0] * crop_hw[1]
-    if area >= base_crop * base_crop:
+    if area >= REFERENCE_CROP * REFERENCE_CROP:
         return int(min_pixels)
-    return int(round(min_pixels * area / (base_crop * base_crop)))
+    return int(round(min_pixels * area / (REFERENCE_CROP * REFERENCE_CROP)))
 
 
 def rcs_class_probs(counts: np.ndarray, *, temperature: float, min_pixels: int) -> np.ndarray:
@@ -83,8 +83,7 @@ class RareClassSampler:
         self.min_crop_pixels = int(min_crop_pixels)
 
     @classmethod
-    def from_store(cls, store, *, temperature: float, min_pixels: int, min_crop_ratio: float = 0.5
-                   ) -> RareClassSampler:
+    def from_store(cls, store, *, temperature: float, min_pixels: int, min_crop_ratio: float) -> RareClassSampler:
         """The sampler of a labelled source store: its per-image counts (recorded at build time), its
         per-view counts and view → image table; thresholds scaled for crops smaller than 512²."""
         view_counts = store.class_counts()

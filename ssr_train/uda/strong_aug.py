@@ -4,7 +4,7 @@ Semantics of DAFormer/MIC ``dacs_transforms`` with kornia 0.5 ``ColorJitter`` / 
 
 * one uniform draw per call decides the colour jitter and one the blur, shared by the whole batch (the
   reference draws them once per training step). Jitter runs when ``u > color_jitter_p``, i.e. with
-  probability ``1 - p`` (0.8 for the default p = 0.2); blur runs when ``u > 0.5``. With ``blur=False``
+  probability ``1 - p`` (0.8 for the reference p = 0.2); blur runs when ``u > 0.5``. With ``blur=False``
   the blur draw is skipped (reference: ``'blur': random.uniform(0, 1) if self.blur else 0``).
 * jitter works on the de-normalised image in [0, 1]. Each image gets its own factors (the reference calls
   kornia once per image): brightness adds ``U(-s, s)``, contrast multiplies by ``U(1-s, 1+s)``, saturation
@@ -114,9 +114,9 @@ def strong_transform(
     generator: torch.Generator,
     mean: Sequence[float] | Tensor = PIXEL_MEAN,
     std: Sequence[float] | Tensor = PIXEL_STD,
-    color_jitter_s: float = 0.2,
-    color_jitter_p: float = 0.2,
-    blur: bool = True,
+    color_jitter_s: float,
+    color_jitter_p: float,
+    blur: bool,
 ) -> Tensor:
     """Strong augmentation of a normalised batch (B,3,H,W); returns a new normalised batch."""
     jitter_draw = _uniform(generator)
