@@ -103,12 +103,22 @@ def test_overwrite_always_succeeds_on_a_folder_this_tool_started(synth_root, tmp
     assert FeatureStore.open(str(out)).fingerprint["plan"]["seed"] == 5
 
 
-def test_an_unreadable_image_is_one_line_and_the_store_resumes_once_it_is_fixed(synth_root, tmp_path, reference):
+def _damaged(good: bytes, damage: str) -> bytes:
+    if damage == "truncated":
+        return good[: len(good) // 2]
+    flipped = bytearray(good)  # a flipped byte inside the compressed pixels: libpng's own message must
+    flipped[len(flipped) // 2] ^= 0xFF  # end up in our one line, not on stderr beside it
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_an_unreadable_image_is_one_line_and_the_store_resumes_once_it_is_fixed(synth_root, tmp_path, reference,
+                                                                               damage):
     data = tmp_path / "gta5"
     shutil.copytree(synth_root / "gta5", data)
     victim = sorted((data / "images").glob("*.png"))[4]  # views 8-9: the last of 3 shards
     good = victim.read_bytes()
-    victim.write_bytes(good[: len(good) // 2])
+    victim.write_bytes(_damaged(good, damage))
     out = tmp_path / "c.zarr"
     args = ["cache", "build", "--dataset", "gta5", "--data-root", str(data), "--out", str(out), *TINY_BUILD,
             "--workers", "1"]

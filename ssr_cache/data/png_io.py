@@ -8,10 +8,12 @@ PNG images (faster than PIL).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from ssr_cache.atomic_file import write_atomic
 from ssr_cache.data.opencv import cv2
@@ -75,10 +77,32 @@ def _read_rgb_png_cv2(path: Path) -> np.ndarray:
         data = np.fromfile(path, np.uint8)
     except OSError as exc:
         raise SSRError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    rgb = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)  # drops alpha, as PIL's convert("RGB") does
+    if get_worker_info() is None:
+        rgb, reason = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB), "OpenCV could not decode it"
+    else:
+        rgb, reason = _imdecode_capturing_libpng(data)
     if rgb is None:
-        raise SSRError(f"{path}: truncated or corrupt PNG (OpenCV could not decode it)")
+        raise SSRError(f"{path}: truncated or corrupt PNG ({reason})")
     return rgb
+
+
+def _imdecode_capturing_libpng(data: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """cv2.imdecode (drops alpha, as PIL's convert("RGB") does) with what libpng prints on stderr before it
+    gives up ("libpng error: IDAT: incorrect data check") captured into the reason, so a corrupt frame stays
+    one line. Only in a DataLoader worker: fd 2 is process-wide, and there this is the one working thread."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            rgb = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if rgb is not None:
+            return rgb, ""
+        captured.seek(0)
+        said = " ".join(captured.read().decode(errors="replace").split())
+    return None, said or "OpenCV could not decode it"
 
 
 def read_label_ids(path: str | os.PathLike) -> np.ndarray:
