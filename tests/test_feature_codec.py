@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from ssr_cache.errors import SSRError
 from ssr_cache.store.feature_codec import (
     dequantize_int8,
+    encode_features,
     feature_compressors,
     lossless_compressors,
     quantize_int8,
@@ -60,6 +63,38 @@ def test_nonfinite_input_shows_in_scale():
     assert codes.dtype == np.uint8
     with pytest.raises(ValueError, match="expects"):
         quantize_int8(np.zeros((2, 3, 3), np.float32))
+
+
+def reference_codes(x: np.ndarray) -> np.ndarray:
+    """An independent reading of the definition: float32 steps as written, numpy instead of torch."""
+    lo, hi = x.min(axis=(2, 3)), x.max(axis=(2, 3))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+        inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+        q = (x - lo[:, :, None, None]) * inv[:, :, None, None]
+    q = np.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(np.round(q), 0, 255).astype(np.uint8)
+
+
+def test_codes_match_the_definition_with_and_without_nonfinite_parameters():
+    """The NaN/Inf pass over the codes is skipped when every channel's parameters are finite; the codes stay
+    those of the definition either way: tiny ranges (1/scale overflows), huge ones (hi - lo overflows), NaN, ±Inf."""
+    rng = np.random.default_rng(5)
+    x = (rng.normal(0, 3, (3, 8, 6, 6))).astype(np.float32)
+    np.testing.assert_array_equal(quantize_int8(x)[0], reference_codes(x))
+    x[0, 0] = 1e-44
+    x[0, 0, 0, 0] = 0.0  # scale a denormal: 1/scale is inf
+    x[0, 1, 0, 0], x[0, 1, 0, 1] = 3e38, -3e38  # hi - lo overflows float32
+    x[1, 2, 1, 1], x[2, 3, 0, 0], x[2, 4, 2, 2] = np.nan, np.inf, -np.inf
+    np.testing.assert_array_equal(quantize_int8(x)[0], reference_codes(x))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_encode_features_refuses_nonfinite_int8_input(bad):
+    x = np.random.default_rng(6).normal(size=(2, 4, 5, 5)).astype(np.float32)
+    x[1, 3, 2, 2] = bad
+    with pytest.raises(SSRError, match="views 4-5 contain NaN/Inf"):
+        encode_features("l8", torch.from_numpy(x), "int8", "views 4-5")
 
 
 def test_compressor_choices():
