@@ -15,6 +15,7 @@ from ssr_cache.data.labels import (
     TRAINID_TO_ID,
     VALID_IDS,
     check_train_ids,
+    count_values,
     ids_to_train_ids,
 )
 from ssr_cache.errors import SSRError
@@ -93,3 +94,18 @@ def test_check_train_ids():
     assert check_train_ids(ok, "t.png").tolist() == [0, 18, 255]
     with pytest.raises(SSRError, match=r"^t\.png: train id 19 is not valid"):
         check_train_ids(np.array([0, 19], dtype=np.uint8), "t.png")
+
+
+@pytest.mark.parametrize("shape", [(1052, 1914), (512, 512), (3, 7), (1,), (0, 4), (4097, 4097)])
+def test_count_values_equals_bincount(shape):
+    """OpenCV's histogram below 2**24 pixels, bincount above it (float32 counts would round), strided input."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    if x.size:
+        x.reshape(-1)[: x.size // 3] = 255  # one bin far above the others
+    assert count_values(x).dtype == np.int64
+    np.testing.assert_array_equal(count_values(x), np.bincount(x.ravel(), minlength=256))
+    if x.ndim == 2:
+        np.testing.assert_array_equal(count_values(x[:, ::-2]), np.bincount(x[:, ::-2].ravel(), minlength=256))
+    with pytest.raises(ValueError, match="uint8"):
+        count_values(x.astype(np.int16))

@@ -3,8 +3,9 @@
 Data flow (bounded queues, so the encoder never waits on I/O):
   DataLoader workers: decode image (+label), resize, crop, flip, class counts  → one item per image
   main thread:        batch views → SAM encoder (+ pooled levels) → cast or quantise on the encoder's device
-                      → copy the stored form to the host → per-shard buffers
-  writer threads:     compress + write each shard as soon as its last view arrives, then its done flags
+                      → copy the stored form to the host → writer queue
+  writer threads:     compress each view's chunks as its batch arrives; write a shard (then its done flags)
+                      as soon as its last view is compressed
 The output is checked (or created) before SAM loads. A rank of a torchrun job owns whole shards; finished
 shards are skipped on a re-run (resume), and an interrupted store creation is finished by re-running.
 """
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ssr_cache import __version__
 from ssr_cache.build.config import CacheBuildConfig, autocast_dtype, resolve_precision
-from ssr_cache.build.shard_writer import ShardBuffers, ShardWriter, default_writer_threads, translate_os_error
-from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, apply_views, plan_views
+from ssr_cache.build.shard_writer import ShardStream, default_writer_threads, translate_os_error
+from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, iter_view_crops, plan_views
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
 from ssr_cache.data.png_io import image_size
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
@@ -177,15 +178,28 @@ class ViewCropDataset(Dataset):
             return {"error": f"{self.ds.items[sample].image}: cannot be read ({type(exc).__name__}: {exc})"}
         if not self.labelled:
             label = None
-        crops, labels, counts = [], [], []
-        for crop, label_crop in apply_views(image, label, [self.plan.row(int(v)) for v in views]):
-            if label_crop is None:
-                label_crop = np.full(crop.shape[:2], self.space.ignore_index, np.uint8)
-            crops.append(crop)
-            labels.append(label_crop)
-            counts.append(self.space.count(label_crop))
-        return {"views": views, "pixels": np.stack(crops), "labels": np.stack(labels),
-                "counts": np.stack(counts).astype(np.int32)}
+        return self._crops(views, image, label)
+
+    def _crops(self, views: np.ndarray, image: np.ndarray, label: np.ndarray | None) -> dict:
+        # Crops go straight into the tensors the DataLoader hands to the main process: allocated in shared
+        # memory in a worker, so they cross without another copy.
+        rows = [self.plan.row(int(v)) for v in views]
+        h, w = rows[0].box[2] - rows[0].box[0], rows[0].box[3] - rows[0].box[1]
+        shared = get_worker_info() is not None
+        pixels = _tensor((len(views), h, w, 3), torch.uint8, shared)
+        labels = _tensor((len(views), h, w), torch.uint8, shared)
+        counts = np.empty((len(views), self.space.num_classes), np.int32)
+        pixels_np, labels_np = pixels.numpy(), labels.numpy()
+        for i, (crop, label_crop) in enumerate(iter_view_crops(image, label, rows)):
+            pixels_np[i] = crop
+            labels_np[i] = self.space.ignore_index if label_crop is None else label_crop
+            counts[i] = self.space.count(labels_np[i])
+        return {"views": views, "pixels": pixels, "labels": labels, "counts": counts}
+
+
+def _tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    return out.share_memory_() if shared else out
 
 
 def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
@@ -317,8 +331,7 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
-    buffers = ShardBuffers(store, shards)
-    writer = ShardWriter(store, threads=cfg.writer_threads or default_writer_threads(), on_written=buffers.release)
+    stream = ShardStream(store, shards, threads=cfg.writer_threads or default_writer_threads())
     amp = autocast_dtype(precision)
     if device.type == "cuda":  # CUDA/cuBLAS start-up and kernel selection, before the first timed batch
         encoder.encode(torch.zeros((cfg.batch_size, *cfg.crop, 3), dtype=torch.uint8), levels=levels,
@@ -329,26 +342,31 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     try:
         with bar:
             for group in iter_batches(loader, cfg.batch_size):
-                views = np.concatenate([g["views"] for g in group])
-                for g in group:
-                    buffers.put_inputs(g["views"], g["pixels"], g["labels"], g["counts"])
-                pixels = torch.from_numpy(np.concatenate([g["pixels"] for g in group]))
+                views = np.concatenate([np.asarray(g["views"]) for g in group])
+                pixels = joined([g["pixels"] for g in group])
                 encoded = encode_batch(encoder, pixels, levels, amp, cfg.feature_dtype, views)
-                for shard, buf in buffers.put_features(views, encoded):
-                    writer.submit(shard, buf)
+                stream.submit(views, store.stored_arrays(
+                    len(views), pixels=pixels.numpy(), labels=joined([g["labels"] for g in group]).numpy(),
+                    class_counts=joined([g["counts"] for g in group]).numpy(),
+                    encoded_features={k: x.cpu().numpy() for k, x in encoded.items()}))
                 built += len(views)
-                projected = writer.bytes_written / max(writer.shards_written, 1) * store.n_shards
-                bar.update(task, advance=len(views), info=f"{_mb(writer.bytes_written)} written, "
+                projected = stream.bytes_written / max(stream.shards_written, 1) * store.n_shards
+                bar.update(task, advance=len(views), info=f"{_mb(stream.bytes_written)} written, "
                                                           f"~{_mb(projected)} projected")
     finally:
-        writer.close()  # shards completed before an error are still written: a re-run resumes after them
+        stream.close()  # shards completed before an error are still written: a re-run resumes after them
     return built
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor from per-image items (no copy for a batch of one image's views)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def encode_batch(encoder, pixels: torch.Tensor, levels: tuple[int, ...], amp, feature_dtype: str,
                  views: np.ndarray) -> dict[str, torch.Tensor]:
     """SAM features of a batch in their stored form, still on the encoder's device (cast or quantised
-    there, so only the stored bytes cross to the host, straight into the shard buffer)."""
+    there, so only the stored bytes cross to the host)."""
     if pixels.device.type == "cpu" and encoder.device.type == "cuda":
         pixels = pixels.pin_memory()
     feats = encoder.encode(pixels, levels=levels, autocast_dtype=amp)

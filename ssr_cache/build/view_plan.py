@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ssr_cache.data.labels import IGNORE_INDEX
+from ssr_cache.data.labels import IGNORE_INDEX, count_values
 from ssr_cache.data.opencv import cv2
 from ssr_cache.errors import SSRError
 from ssr_cache.progress import progress_bar
@@ -209,7 +209,7 @@ def _random_box(rng: np.random.Generator, hw: tuple[int, int], crop_hw: tuple[in
 
 def _crop_is_varied(label: np.ndarray, resized_hw: tuple[int, int], box, cat_max_ratio: float) -> bool:
     """mmseg's rule: more than one labelled class, and the largest below cat_max_ratio of labelled pixels."""
-    counts = np.bincount(_nearest_crop(label, resized_hw, box).ravel(), minlength=256)
+    counts = count_values(_nearest_crop(label, resized_hw, box))
     counts[IGNORE_INDEX] = 0
     counts = counts[counts > 0]
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
@@ -237,12 +237,19 @@ def apply_view(image: np.ndarray, label: np.ndarray | None, view: View) -> tuple
 def apply_views(image: np.ndarray, label: np.ndarray | None, views: Sequence[View]
                 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """`apply_view` for several views of one image; views sharing a resized size share one resize."""
+    return [(np.ascontiguousarray(crop), None if lab is None else np.ascontiguousarray(lab))
+            for crop, lab in iter_view_crops(image, label, views)]
+
+
+def iter_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequence[View]
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """`apply_views` as strided views into the resized image (no copy), for callers that copy each crop
+    straight to where it goes (the build's decoding workers: into shared memory)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SSRError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if label is not None and label.shape[:2] != image.shape[:2]:
         raise SSRError(f"label shape {label.shape[:2]} differs from image shape {image.shape[:2]}")
     resized: dict[tuple[int, int], np.ndarray] = {}
-    out = []
     for view in views:
         if view.resized_hw not in resized:
             resized[view.resized_hw] = resize_image(image, view.resized_hw)
@@ -252,8 +259,7 @@ def apply_views(image: np.ndarray, label: np.ndarray | None, views: Sequence[Vie
         if view.flip:
             crop = crop[:, ::-1]
             label_crop = None if label_crop is None else label_crop[:, ::-1]
-        out.append((np.ascontiguousarray(crop), None if label_crop is None else np.ascontiguousarray(label_crop)))
-    return out
+        yield crop, label_crop
 
 
 def resize_image(image: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ssr_cache.data.labels import CLASS_NAMES, IGNORE_INDEX, PALETTE
+from ssr_cache.data.labels import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_values
 from ssr_cache.errors import SSRError
 
 
@@ -84,7 +84,7 @@ class LabelSpace:
         """Pixels of each class in a train-id map, int64 (num_classes,); ignored and other values excluded."""
         flat = np.asarray(train_ids).ravel()
         if flat.dtype == np.uint8:  # every value < 256: count them all, keep the classes (no mask pass)
-            return np.bincount(flat, minlength=256)[: self.num_classes].astype(np.int64)
+            return count_values(flat)[: self.num_classes]
         return np.bincount(flat[flat < self.num_classes], minlength=self.num_classes).astype(np.int64)
 
     def palette_lut(self) -> np.ndarray:

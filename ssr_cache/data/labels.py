@@ -104,6 +104,21 @@ TRAINID_PALETTE = np.zeros((256, 3), dtype=np.uint8)
 TRAINID_PALETTE[:NUM_CLASSES] = PALETTE
 
 
+def count_values(values: np.ndarray) -> np.ndarray:
+    """How often each value 0..255 occurs in a uint8 array: int64 (256,).
+
+    cv2.calcHist counts uint8 pixels in place, ~4x faster than np.bincount (which first widens every pixel to
+    int64). Its float32 counts are exact below 2**24 per bin, so larger arrays take bincount.
+    """
+    values = np.ascontiguousarray(values)
+    if values.dtype != np.uint8:
+        raise ValueError(f"count_values takes uint8, got {values.dtype}")
+    if values.size >= 2**24 or values.size == 0:
+        return np.bincount(values.ravel(), minlength=256).astype(np.int64)
+    hist = cv2.calcHist([values.reshape(1, -1)], [0], None, [256], [0, 256])  # one row: fastest layout
+    return hist.ravel().astype(np.int64)
+
+
 def ids_to_train_ids(label_ids: np.ndarray, source: str) -> np.ndarray:
     """Map an array of Cityscapes label ids to train ids (uint8, same shape); `source` names the file."""
     label_ids = np.asarray(label_ids)

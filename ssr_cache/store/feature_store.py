@@ -6,17 +6,19 @@ A shard is the unit of building: `write_shard` writes every array's shard for a 
 range's done flags. The layout is specified in docs/cache-format.md.
 
 Crash safety (SIGKILL at any moment): a shard's done flags are cleared before, and set only after, all of
-its data is written, and a rewrite first deletes the shard's old files, so a done flag never sits on
-missing, partial or stale data. Flag chunks carry a crc32c, so even a torn flag file reads as "not done".
-On top of that, zarr's LocalStore writes every file under a temporary name and renames it into place,
-and object stores (s3, gs) put whole objects, so no reader ever sees a half-written file. Not covered:
+its data is written, so a done flag never sits on missing, partial or stale data. Flag chunks carry a
+crc32c, so even a torn flag file reads as "not done". On top of that, every local file is written under a
+temporary name and renamed into place (ours as zarr's LocalStore does), and object stores (s3, gs) put
+whole objects, so no reader ever sees a half-written file. Not covered:
 power loss (nothing is fsync'ed, so the OS may persist a flag file before the data it vouches for).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -374,6 +376,9 @@ class FeatureStore:
     def shard_range(self, shard: int) -> tuple[int, int]:
         return self.layout.shard_range(shard)
 
+    def shard_of(self, view: int) -> int:
+        return view // self.layout.views_per_shard
+
     # ------------------------------------------------------------ typed facts (read these, not attributes)
 
     @property
@@ -471,41 +476,87 @@ class FeatureStore:
         pixels (n,H,W,3) uint8, labels (n,H,W) uint8, class_counts (n,num_classes) ints, and either
         features {name: float (n,C,g,g)} for every name in layout.feature_names (encoded here), or
         encoded_features: what `feature_codec.encode_features` made of them ({name: float16} or {name: uint8
-        codes, name_scale, name_offset}; the build encodes on the encoder's device before the copy).
-        Deterministic: the same inputs give byte-identical files. Safe to call from several threads at
-        once for different shards.
+        codes, name_scale, name_offset}). Deterministic: the same inputs give byte-identical files. Safe to
+        call from several threads at once for different shards. (The build streams instead: `stored_arrays`
+        and `encode_chunks` per batch as views arrive, `write_shard_chunks` once a shard is complete.)
         """
+        start, stop = self.shard_range(shard)
+        data = self.stored_arrays(stop - start, pixels=pixels, labels=labels, class_counts=class_counts,
+                                  features=features, encoded_features=encoded_features, first_view=start)
+        self.write_shard_chunks(shard, {path: self.encode_chunks(path, values) for path, values in data.items()})
+
+    def stored_arrays(self, n: int, *, pixels, labels, class_counts, features: dict | None = None,
+                      encoded_features: dict | None = None, first_view: int = 0) -> dict[str, np.ndarray]:
+        """{array path: (n, ...) values} of n views as stored, each checked against the layout (shape, dtype)."""
+        if not self.writable:
+            raise SSRError(f"{self.url} is opened read-only")
+        if (features is None) == (encoded_features is None):
+            raise ValueError("pass exactly one of features and encoded_features")
+        data = self._checked_inputs(n, pixels, labels, class_counts)
+        if encoded_features is None:
+            encoded_features = self._encode_features(first_view, first_view + n, features)
+        data.update(self._checked_encoded(n, encoded_features))
+        return data
+
+    def shard_encoder(self, path: str) -> ShardEncoder | None:
+        """The encoder of `path`'s shard files; None: the array's layout is written through zarr."""
+        if path not in self._shard_encoders:
+            self._shard_encoders[path] = ShardEncoder.from_array(self.array(path))
+        return self._shard_encoders[path]
+
+    def encode_chunks(self, path: str, values: np.ndarray) -> list:
+        """Each view's chunk of array `path`, compressed (thread-safe; GIL released while compressing)."""
+        encoder = self.shard_encoder(path)
+        if encoder is None:
+            return [np.array(v) for v in values]  # kept as values, written through zarr with the shard
+        return [encoder.encode_chunk(v) for v in values]
+
+    def write_shard_chunks(self, shard: int, chunks: dict[str, list]) -> None:
+        """Write the shard files of every array from their per-view chunks (`encode_chunks`, in view order),
+        then the shard's done flags: cleared first, set last (see the module docstring)."""
         if not self.writable:
             raise SSRError(f"{self.url} is opened read-only")
         start, stop = self.shard_range(shard)
-        data = self._checked_inputs(start, stop, pixels, labels, class_counts)
-        if (features is None) == (encoded_features is None):
-            raise ValueError("pass exactly one of features and encoded_features")
-        if encoded_features is None:
-            encoded_features = self._encode_features(start, stop, features)
-        data.update(self._checked_encoded(stop - start, encoded_features))
+        want = {p for p in self.specs if p in ("pixels", "labels", "class_counts") or p.startswith("features/")}
+        if set(chunks) != want or any(len(c) != stop - start for c in chunks.values()):
+            raise ValueError(f"shard {shard} needs {stop - start} chunks of each of {sorted(want)}")
         done = self.array(DONE)
         done[start:stop] = False  # while the shard is rewritten it is not done (an all-False flag chunk is deleted)
         self._remove_partials(self.shard_key(DONE, shard))
-        for path, values in data.items():
-            self._write_shard_file(path, shard, values)
+        for path, items in chunks.items():
+            self._write_shard_file(path, shard, items)
         done[start:stop] = True
 
-    def _write_shard_file(self, path: str, shard: int, values: np.ndarray) -> None:
-        """Replace one array's shard file: encoded here, in the calling thread (see shard_codec.py)."""
-        if path not in self._shard_encoders:
-            self._shard_encoders[path] = ShardEncoder.from_array(self.array(path))
-        encoder = self._shard_encoders[path]
-        self._drop_shard_file(path, shard)  # zarr would otherwise read and merge the old shard file
+    def _write_shard_file(self, path: str, shard: int, items: list) -> None:
+        """Replace one array's shard file (encoded chunks assembled here, or values written by zarr)."""
+        encoder = self.shard_encoder(path)
         if encoder is None:
+            self._drop_shard_file(path, shard)  # zarr would otherwise read and merge the old shard file
             start, stop = self.shard_range(shard)
-            self.array(path)[start:stop] = values
+            self.array(path)[start:stop] = np.stack(items)
             return
-        data = default_buffer_prototype().buffer.from_bytes(encoder.encode(values))
-        sync(self.group.store.set(self.shard_key(path, shard), data))
+        self._put_file(self.shard_key(path, shard), encoder.file_parts(items))
 
-    def _checked_inputs(self, start: int, stop: int, pixels, labels, class_counts) -> dict:
-        n, L = stop - start, self.layout
+    def _put_file(self, key: str, parts: list[bytes]) -> None:
+        """Replace one file, never leaving half of it under its name. Local: written part by part (no joined
+        copy of a 100 MB shard) under zarr LocalStore's temp name, which `_remove_partials` cleans up after a
+        kill, then renamed; elsewhere one put of the whole object."""
+        if self.local_path is None:
+            sync(self.group.store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(parts))))
+            return
+        path = self.local_path / key
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.writelines(parts)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _checked_inputs(self, n: int, pixels, labels, class_counts) -> dict:
+        L = self.layout
         h, w = L.crop_hw
         return {
             "pixels": _checked("pixels", pixels, (n, h, w, 3), np.uint8),

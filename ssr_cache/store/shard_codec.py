@@ -7,7 +7,8 @@ and hands the finished file to the store in one `set`. The bytes are those of za
 our layout (bytes → blosc → crc32c per chunk, chunks in view order, uint64 (offset, length) index + crc32c
 at the end; every view gets a chunk, even one equal to the fill value, as the store's writable arrays are
 configured: `verify` tells written from missing by it); tests/test_shard_codec.py compares them to zarr's
-own file byte for byte, and reading still goes through zarr.
+own file byte for byte, and reading still goes through zarr. The build compresses each view's chunks
+(`encode_chunk`) as soon as the view is encoded and writes the shard's `file_parts` once all are there.
 """
 
 from __future__ import annotations
@@ -61,16 +62,24 @@ class ShardEncoder:
                                 blocksize=b.blocksize, typesize=b.typesize)
         return cls(blosc=blosc, dtype=array.dtype, shard_views=int(shard_shape[0]))
 
-    def encode(self, values: np.ndarray) -> bytes:
-        """The shard file for `values`: its first n <= shard_views views (the last shard may be short)."""
-        values = np.ascontiguousarray(values, self.dtype)
+    def encode_chunk(self, view: np.ndarray) -> bytes:
+        """One view's chunk (blosc-compressed; its crc32c is added by `file_parts`). Thread-safe: the build's
+        writer threads compress views as they arrive, before their shard is complete."""
+        return self.blosc.encode(np.ascontiguousarray(view, self.dtype))
+
+    def file_parts(self, chunks: list[bytes]) -> list[bytes]:
+        """The shard file as a list of byte strings to write in order (no joined copy of the shard):
+        each chunk with its crc32c, then the index. len(chunks) <= shard_views (the last shard may be short)."""
         index = np.full((self.shard_views, 2), EMPTY, "<u8")
         parts, offset = [], 0
-        for i, chunk in enumerate(values):
-            data = self.blosc.encode(chunk)
+        for i, data in enumerate(chunks):
             parts += [data, _crc32c(data)]
             length = len(data) + 4
             index[i] = offset, length
             offset += length
         index_bytes = index.tobytes()
-        return b"".join([*parts, index_bytes, _crc32c(index_bytes)])
+        return [*parts, index_bytes, _crc32c(index_bytes)]
+
+    def encode(self, values: np.ndarray) -> bytes:
+        """The shard file for `values`: its first n <= shard_views views."""
+        return b"".join(self.file_parts([self.encode_chunk(v) for v in values]))
