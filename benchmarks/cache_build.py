@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-rounds", type=int, default=None, help="read benchmark rounds (default 20, --quick 5)")
     p.add_argument("--pipeline", action="store_true",
                    help="time the pipeline around a no-cost stand-in encoder against its floor (pipeline_cost.py)")
-    p.add_argument("--images", type=int, default=32, help="--pipeline: GTA5-size frames to build")
+    p.add_argument("--images", type=int, default=96, help="--pipeline: GTA5-size frames to build (x K views)")
     p.add_argument("--views-per-shard", type=int, default=64, help="--pipeline: the build's shard size")
+    p.add_argument("--rounds", type=int, default=3, help="--pipeline: alternating build/floor rounds (medians)")
     p.add_argument("--writer-views", type=int, default=64, help="--pipeline: views the writer benchmark writes")
     p.add_argument("--writer-views-per-shard", type=int, default=16, help="--pipeline: shard size of that writer")
     p.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one, deleted)")

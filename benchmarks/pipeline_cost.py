@@ -5,14 +5,16 @@ views per image) with a stand-in encoder that returns fixed SAM-shaped features 
 second measured is the pipeline's own: decoding, cropping, batching, casting, compressing, writing.
 
   pipeline_core_ms_per_view  CPU time of every process and thread of the build (workers included) / views
-  floor_core_ms_per_view     decoding one frame / K + compressing one view's stored bytes with the store's
-                             own codecs, measured in the same run: work no pipeline can avoid
+  pipeline_kernel_ms_per_view  the system (kernel) part of it: page cache writes, shared memory, page faults
+  floor_core_ms_per_view     decoding one frame / K + compressing each of its K views' stored bytes with the
+                             store's own codecs, measured in the same run: work no pipeline can avoid
   pipeline_over_floor(_int8) the ratio (goal <= 1.5)
   pipeline_views_per_s_wN    wall-clock views/s with N decoding workers
   writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
 
-CPU times are per-process rusage (workers counted once they exit), so they hardly move with the machine's
-load; the views/s figures do. The load average is printed with every run.
+CPU times are per-process rusage (workers counted once they exit). Builds and floor measurements alternate
+for --rounds rounds and each figure is the median of its rounds, since this VM's speed drifts within
+minutes; the views/s figures move with the machine's load, which is printed with every run.
 """
 
 from __future__ import annotations
@@ -68,21 +70,36 @@ class StandInEncoder:
         return {f"l{g}": self._batches[n][f"l{g}"] for g in levels}
 
 
-def cpu_seconds() -> float:
-    """User + system CPU of this process (all threads) and of its exited, waited-for children."""
+def cpu_seconds() -> np.ndarray:
+    """[user, system] CPU of this process (all threads) and of its exited, waited-for children."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return np.array([own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime])
 
 
 def load_note() -> str:
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def timed_build(cfg: CacheBuildConfig, encoder) -> tuple[float, float, int]:
-    """(CPU seconds, wall seconds, views built) of one real build_cache call."""
+def page_touch_note(mib: int = 256) -> str:
+    """First-touch cost of memory freed just now vs freed 2 s ago. On this VM the hypervisor takes back
+    freed pages after about a second (virtio-balloon free page reporting), so the next touch of such a page
+    costs ~25x more: a kernel cost that falls on fresh buffers and page cache pages, not on the floor."""
+    costs = []
+    for pause in (0.0, 2.0):
+        np.ones(mib << 20, np.uint8)  # touched, then freed
+        time.sleep(pause)
+        t = time.perf_counter()
+        np.ones(mib << 20, np.uint8)
+        costs.append(1e6 * (time.perf_counter() - t) / (mib << 8))
+    return f"touching freed memory: {costs[0]:.2f} us/page at once, {costs[1]:.2f} us/page after 2 s"
+
+
+def timed_build(cfg: CacheBuildConfig, encoder) -> tuple[float, float, int, float]:
+    """(CPU seconds, wall seconds, views built, of the CPU seconds those in the kernel) of one build_cache call."""
     c, t = cpu_seconds(), time.perf_counter()
     result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
-    return cpu_seconds() - c, time.perf_counter() - t, result.built_views
+    user, system = cpu_seconds() - c
+    return user + system, time.perf_counter() - t, result.built_views, system
 
 
 def median_thread_time(fn, rounds: int = 3) -> float:
@@ -94,22 +111,24 @@ def median_thread_time(fn, rounds: int = 3) -> float:
     return float(np.median(times))
 
 
-def view_bytes(item: dict, features: dict[str, np.ndarray], dtype: str) -> list[tuple[np.ndarray, object]]:
-    """One view's stored arrays as the store encodes them: (array, its blosc codec) per array."""
+def view_bytes(item: dict, features: dict[str, np.ndarray], dtype: str, k: int = 0
+               ) -> list[tuple[np.ndarray, object]]:
+    """View k's stored arrays as the store encodes them: (array, its blosc codec) per array (features: a
+    copy of the stand-in's, so each view's bytes lie in memory of their own)."""
     def blosc(codecs):
         b = codecs[0]
         return numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=numcodecs.Blosc.SHUFFLE
                                if b.shuffle.value == "shuffle" else numcodecs.Blosc.NOSHUFFLE,
                                blocksize=b.blocksize)
 
-    out = [(item["pixels"][0], blosc(lossless_compressors("uint8"))),
-           (item["labels"][0], blosc(lossless_compressors("uint8"))),
-           (item["counts"][0], blosc(lossless_compressors("int32")))]
+    out = [(np.asarray(item["pixels"][k]), blosc(lossless_compressors("uint8"))),
+           (np.asarray(item["labels"][k]), blosc(lossless_compressors("uint8"))),
+           (np.asarray(item["counts"][k]), blosc(lossless_compressors("int32")))]
     for f in features.values():
         if dtype == "float16":
             out.append((f[0].astype(np.float16), blosc(feature_compressors("float16"))))
         else:
-            codes, scale, offset = quantize_int8(f[:1])
+            codes, scale, offset = quantize_int8(f[:1].copy())
             out += [(codes[0], blosc(feature_compressors("int8"))), (scale[0], blosc(lossless_compressors("float32"))),
                     (offset[0], blosc(lossless_compressors("float32")))]
     return out
@@ -122,13 +141,14 @@ def compress_all(arrays: list[tuple[np.ndarray, object]]) -> None:
 
 
 def floor_ms(png: Path, item: dict, features: dict[str, np.ndarray], vpi: int) -> dict[str, float]:
-    """Decode one frame / K + compress one view's stored bytes (fp16 and int8), single-threaded CPU ms."""
+    """Decode one frame / K + compress each of its K views' stored bytes once (fp16 and int8), single-threaded
+    CPU ms per view (median of rounds). The K views lie in distinct memory, as the build's do."""
     numcodecs.blosc.use_threads = False  # the store compresses in worker threads, where blosc is serial
     decode = median_thread_time(lambda: read_rgb(png))
     out = {"decode_per_view": 1000 * decode / vpi}
     for dtype in ("float16", "int8"):
-        arrays = view_bytes(item, features, dtype)
-        out[dtype] = 1000 * median_thread_time(lambda a=arrays: compress_all(a), rounds=5)
+        arrays = [a for k in range(vpi) for a in view_bytes(item, features, dtype, k)]
+        out[dtype] = 1000 * median_thread_time(lambda a=arrays: compress_all(a)) / vpi
     return out
 
 
@@ -165,7 +185,7 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     pngs = write_gta5_like(root, n_images, "cityscapes", distinct=2)
     mb = pngs[0].stat().st_size / 1e6
     print(f"# machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', '(unset)')}, {load_note()}")
+          f"{os.environ.get('OMP_NUM_THREADS', '(unset)')}, {load_note()}; {page_touch_note()}")
     print(f"# data: {n_images} GTA5-layout 1914x1052 frames ({mb:.1f} MB PNG each) x {vpi} views = "
           f"{n_images * vpi} views, resize {RESIZE[0]}x{RESIZE[1]}, crop {CROP}, stand-in vit_b encoder "
           f"(fixed features, levels {encoder.levels}), batch {args.batch_size}, {args.views_per_shard} views/shard")
@@ -176,33 +196,47 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
                                 feature_dtype=dtype, views_per_shard=args.views_per_shard, workers=workers,
                                 overwrite=True)
 
-    runs = {}
-    for name, dtype, workers in (("fp16_w2", "float16", 2), ("int8_w2", "int8", 2), ("fp16_w1", "float16", 1)):
-        runs[name] = timed_build(config(name, dtype, workers), encoder)
-        cpu, wall, n = runs[name]
-        print(f"# build {name}: {n} views, CPU {cpu:.1f} s, wall {wall:.1f} s, {load_note()}")
-
     cfg = config("fp16_w2", "float16", 2)
     ds, labelled = open_build_dataset(cfg)
     plan = plan_build(cfg, ds, labelled, progress=False).views
     item = ViewCropDataset(ds, plan, np.arange(vpi), labelled=labelled)[0]
     feats = {k: v.numpy() for k, v in encoder.encode(np.zeros((1,))).items()}
-    floor = floor_ms(pngs[0], item, feats, vpi)
-    floor16 = floor["decode_per_view"] + floor["float16"]
-    floor8 = floor["decode_per_view"] + floor["int8"]
-    cpu16 = 1000 * runs["fp16_w2"][0] / runs["fp16_w2"][2]
-    cpu8 = 1000 * runs["int8_w2"][0] / runs["int8_w2"][2]
-    line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers; int8 {cpu8:.1f} ms")
-    line("floor_core_ms_per_view", floor16, f"decode {floor['decode_per_view']:.1f} ms (one frame / {vpi}) + "
-         f"compress {floor['float16']:.1f} ms (fp16 view); int8 {floor8:.1f} ms (compress {floor['int8']:.1f})")
+
+    # Builds and floor measurements alternate, round after round, and each figure is the median of its
+    # rounds: this machine's speed drifts by +-25 % within minutes (other tenants), and a ratio of two
+    # figures taken minutes apart would mostly measure that drift.
+    cpu = {"float16": [], "int8": []}
+    kernel = {"float16": [], "int8": []}
+    floors = {"float16": [], "int8": []}
+    for r in range(args.rounds):
+        for dtype in ("float16", "int8"):
+            c, wall, n, system = timed_build(config(f"{dtype}_w2", dtype, 2), encoder)
+            cpu[dtype].append(1000 * c / n)
+            kernel[dtype].append(1000 * system / n)
+            print(f"# round {r + 1} build {dtype}, 2 workers: {n} views, CPU {c:.1f} s, wall {wall:.1f} s, {load_note()}")
+        floor = floor_ms(pngs[0], item, feats, vpi)
+        for dtype in ("float16", "int8"):
+            floors[dtype].append(floor["decode_per_view"] + floor[dtype])
+        print(f"# round {r + 1} floor: decode {floor['decode_per_view']:.1f} ms/view, compress fp16 "
+              f"{floor['float16']:.1f} / int8 {floor['int8']:.1f} ms/view; ratios "
+              f"{cpu['float16'][-1] / floors['float16'][-1]:.2f} / {cpu['int8'][-1] / floors['int8'][-1]:.2f}")
+    runs = {"fp16_w1": timed_build(config("fp16_w1", "float16", 1), encoder),
+            "fp16_w2": timed_build(config("float16_w2", "float16", 2), encoder)}
+    cpu16, cpu8 = float(np.median(cpu["float16"])), float(np.median(cpu["int8"]))
+    floor16, floor8 = float(np.median(floors["float16"])), float(np.median(floors["int8"]))
+    line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers, median of {args.rounds}; int8 {cpu8:.1f} ms")
+    line("pipeline_kernel_ms_per_view", float(np.median(kernel["float16"])),
+         f"of pipeline_core: system CPU (page cache writes, shared memory, page faults); int8 "
+         f"{float(np.median(kernel['int8'])):.1f} ms")
+    line("floor_core_ms_per_view", floor16, f"fp16, median of {args.rounds}; int8 {floor8:.1f} ms")
     line("pipeline_over_floor", cpu16 / floor16)
     line("pipeline_over_floor_int8", cpu8 / floor8)
     for name in ("fp16_w1", "fp16_w2"):
-        _, wall, n = runs[name]
+        _, wall, n, _ = runs[name]
         line(f"pipeline_views_per_s_w{name[-1]}", n / wall, f"{n} views in {wall:.1f} s wall")
 
     # The writer alone: prepared shards (what the pipeline hands its writer) written by 1, 2 and N threads.
-    src = FeatureStore.open(work / "fp16_w2")
+    src = FeatureStore.open(work / "float16_w2")
     vps = args.writer_views_per_shard
     layout = StoreLayout.from_dict({**src.layout.to_dict(), "views_per_shard": vps})
     n_shards = min(layout.n_shards, max(1, args.writer_views // vps))
