@@ -167,3 +167,22 @@ cp -r {mnt}/c.zarr {tmp_path}/kept.zarr
     assert len(first_err.strip().splitlines()) == 1
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
     assert store_digest(tmp_path / "kept.zarr") == store_digest(reference)
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a small tmpfs here (needs user namespaces)")
+@pytest.mark.parametrize("shm_kb", [4, 64])  # too small for the workers' queues / for the first crops
+def test_full_shared_memory_is_one_line_and_the_build_resumes_without_workers(synth_root, tmp_path, reference,
+                                                                              shm_kb):
+    """A container's small /dev/shm (Docker's default is 64 MB) must not end in a DataLoader traceback."""
+    out = tmp_path / "c.zarr"
+    args = [*build_args(synth_root, out), "--workers", "1"]  # the last --workers wins
+    script = f"mount -t tmpfs -o size={shm_kb}k tmpfs /dev/shm || exit 99\n" + " ".join([sys.executable, "-m", "ssr_cli", *args])
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "/dev/shm" in done.stderr and "--workers 0" in done.stderr
+    resumed = run_ssr(*build_args(synth_root, out))  # --workers 0, as the message says
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = store_digest(out), store_digest(reference)
+    assert {k: v for k, v in got.items() if k != "zarr.json"} == {k: v for k, v in want.items() if k != "zarr.json"}

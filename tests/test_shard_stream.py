@@ -63,3 +63,28 @@ def test_a_failed_write_is_one_line_and_finished_shards_stay_done(tmp_path):
         stream.close()
     assert "\n" not in str(info.value)
     assert FeatureStore.open(str(tmp_path / "c")).done_mask().tolist() == [True] * 4 + [False] * 4
+
+
+def test_views_of_other_shards_or_twice_are_refused_at_submit(tmp_path):
+    store = make_store(tmp_path / "c", n=8, vps=4)
+    data = all_views(store, 2)
+    stream = ShardStream(store, [1], threads=1)
+    with pytest.raises(ValueError, match=r"not \[0\]"):
+        submit(stream, store, data, np.array([3, 4]))  # view 3 lies in shard 0, which this stream does not own
+    with pytest.raises(ValueError, match="distinct"):
+        submit(stream, store, data, np.array([4, 4]))
+    submit(stream, store, data, np.arange(4, 8))
+    stream.close()
+    assert FeatureStore.open(str(tmp_path / "c")).done_mask().tolist() == [False] * 4 + [True] * 4
+
+
+def test_a_killed_writers_temp_files_go_when_the_shard_is_rewritten(tmp_path):
+    store = make_store(tmp_path / "c", n=8, vps=4)
+    key = tmp_path / "c" / store.shard_key("features/l8", 1)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    leftover = key.with_name(f"{key.name}.0123456789abcdef.partial")
+    leftover.write_bytes(b"half a shard")
+    stream = ShardStream(store, [0, 1], threads=2)
+    submit(stream, store, all_views(store, 3), np.arange(8))
+    stream.close()
+    assert not leftover.exists() and not list((tmp_path / "c").rglob("*.partial"))

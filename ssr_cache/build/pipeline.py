@@ -12,6 +12,7 @@ shards are skipped on a re-run (resume), and an interrupted store creation is fi
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -178,28 +179,39 @@ class ViewCropDataset(Dataset):
             return {"error": f"{self.ds.items[sample].image}: cannot be read ({type(exc).__name__}: {exc})"}
         if not self.labelled:
             label = None
-        return self._crops(views, image, label)
+        try:
+            return self._crops(views, image, label)
+        except SSRError as exc:  # shared memory ran out
+            return {"error": str(exc)}
 
     def _crops(self, views: np.ndarray, image: np.ndarray, label: np.ndarray | None) -> dict:
-        # Crops go straight into the tensors the DataLoader hands to the main process: allocated in shared
-        # memory in a worker, so they cross without another copy.
+        # Every tensor goes straight into the memory the DataLoader hands to the main process: allocated in
+        # shared memory in a worker (here, where running out of it is one line), so it crosses without a copy.
         rows = [self.plan.row(int(v)) for v in views]
         h, w = rows[0].box[2] - rows[0].box[0], rows[0].box[3] - rows[0].box[1]
-        shared = get_worker_info() is not None
-        pixels = _tensor((len(views), h, w, 3), torch.uint8, shared)
-        labels = _tensor((len(views), h, w), torch.uint8, shared)
-        counts = np.empty((len(views), self.space.num_classes), np.int32)
-        pixels_np, labels_np = pixels.numpy(), labels.numpy()
+        n, shared = len(views), get_worker_info() is not None
+        out = {"views": _tensor((n,), torch.int64, shared), "pixels": _tensor((n, h, w, 3), torch.uint8, shared),
+               "labels": _tensor((n, h, w), torch.uint8, shared),
+               "counts": _tensor((n, self.space.num_classes), torch.int32, shared)}
+        views_np, pixels_np, labels_np, counts_np = (out[k].numpy() for k in ("views", "pixels", "labels", "counts"))
+        views_np[:] = views
         for i, (crop, label_crop) in enumerate(iter_view_crops(image, label, rows)):
             pixels_np[i] = crop
             labels_np[i] = self.space.ignore_index if label_crop is None else label_crop
-            counts[i] = self.space.count(labels_np[i])
-        return {"views": views, "pixels": pixels, "labels": labels, "counts": counts}
+            counts_np[i] = self.space.count(labels_np[i])
+        return out
 
 
 def _tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
-    return out.share_memory_() if shared else out
+    if not shared:
+        return out
+    try:
+        return out.share_memory_()
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SSRError(f"the decoding workers ran out of shared memory ({reason}): give /dev/shm more room "
+                       "(in Docker: --shm-size=2g) or build with --workers 0") from None
 
 
 def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
@@ -207,7 +219,7 @@ def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
     becomes its one-line SSRError here."""
     pending: list[dict] = []
     n = 0
-    for item in loader:
+    for item in start_workers(loader):
         if "error" in item:
             raise SSRError(item["error"])
         pending.append(item)
@@ -217,6 +229,21 @@ def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
             pending, n = [], 0
     if pending:
         yield pending
+
+
+def start_workers(loader):
+    """iter(loader), with a /dev/shm too full for the workers' queues (their semaphores live there) as one
+    line. torch's half-built iterator then fails once more in its __del__; that echo is not printed."""
+    failure, hook = None, sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        try:
+            return iter(loader)
+        except OSError as exc:
+            failure = f"cannot start the decoding workers ({exc.strerror or exc})"
+    finally:
+        sys.unraisablehook = hook  # the except clause has released the half-built iterator by now
+    raise SSRError(f"{failure}: they need room in /dev/shm (in Docker: --shm-size=2g), or build with --workers 0")
 
 
 # ---------------------------------------------------------------- the build

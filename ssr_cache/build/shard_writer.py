@@ -67,7 +67,13 @@ class ShardStream:
         """Views (consecutive or not, of any shards given at construction) and their stored arrays
         ({path: (n, ...)}, `FeatureStore.stored_arrays`), compressed and written in the background."""
         self._check()
-        self.queue.put((np.asarray(views), arrays))
+        views = np.asarray(views)
+        shards = {self.store.shard_of(int(v)) for v in views}
+        with self._lock:
+            foreign = sorted(shards - set(self._pending))
+        if foreign or len(np.unique(views)) != len(views):
+            raise ValueError(f"views must be distinct and of the stream's pending shards (not {foreign})")
+        self.queue.put((views, arrays))
 
     def close(self) -> None:
         """Compress and write everything submitted, stop the threads, raise the first error."""
@@ -88,7 +94,8 @@ class ShardStream:
             try:
                 self._compress(*item)
             except BaseException as exc:  # noqa: BLE001 - surfaced by submit()/close()
-                self.error = exc
+                with self._lock:
+                    self.error = self.error or exc  # the first one: later ones are usually its echoes
 
     def _compress(self, views: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         encoded = {path: self.store.encode_chunks(path, values) for path, values in arrays.items()}

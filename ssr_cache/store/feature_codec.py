@@ -76,7 +76,8 @@ def encode_features(name: str, x: torch.Tensor, dtype: str, where: str) -> dict[
         # Non-finite input shows in the per-channel parameters (NaN and ±Inf propagate into min/max): no pass
         # over the features of its own.
         if not bool(torch.isfinite(torch.stack([scale, offset])).all()):
-            raise SSRError(f"SAM features {name} of {where} contain NaN/Inf; not caching them")
+            raise SSRError(f"SAM features {name} of {where} contain NaN/Inf (or a channel's range exceeds "
+                           "float32); not caching them")
         return {name: codes, f"{name}_scale": scale, f"{name}_offset": offset}
     if dtype != "float16":
         raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")

@@ -535,7 +535,9 @@ class FeatureStore:
             start, stop = self.shard_range(shard)
             self.array(path)[start:stop] = np.stack(items)
             return
-        self._put_file(self.shard_key(path, shard), encoder.file_parts(items))
+        key = self.shard_key(path, shard)
+        self._remove_partials(key)  # temp files of a writer killed while writing this shard before
+        self._put_file(key, encoder.file_parts(items))
 
     def _put_file(self, key: str, parts: list[bytes]) -> None:
         """Replace one file, never leaving half of it under its name. Local: written part by part (no joined
