@@ -11,6 +11,7 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
   pipeline_over_floor(_int8) the ratio (goal <= 1.5)
   pipeline_views_per_s_wN    wall-clock views/s with N decoding workers
   writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
+                             (medians of --rounds rounds, thread counts alternating)
 
 CPU times are per-process rusage (workers counted once they exit). Builds and floor measurements alternate
 for --rounds rounds and each figure is the median of its rounds, since this VM's speed drifts within
@@ -246,11 +247,17 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
         got = src.read_views(np.arange(a, b), with_pixels=True)
         shards.append({"pixels": got["pixels"], "labels": got["label"], "class_counts": got["class_counts"],
                        "features": {k: np.repeat(v.numpy(), b - a, axis=0) for k, v in encoder.features.items()}})
-    threads = max(2, os.cpu_count() or 2)
-    rates = {t: writer_rate(work / f"writer_t{t}", src, layout, shards, t) for t in sorted({1, 2, threads})}
+    threads = sorted({1, 2, max(2, os.cpu_count() or 2)})
+    samples = {t: [] for t in threads}
+    for _ in range(args.rounds):  # alternating thread counts, medians: as for the builds above
+        for t in threads:
+            samples[t].append(writer_rate(work / f"writer_t{t}", src, layout, shards, t))
+    rates = {t: float(np.median(v)) for t, v in samples.items()}
     for t, rate in rates.items():
-        line(f"writer_views_per_s_t{t}", rate, f"{n_shards} shards of {vps} views, fp16, {load_note()}")
-    line("writer_scaling", rates[2] / rates[1], "2 writer threads / 1")
+        line(f"writer_views_per_s_t{t}", rate, f"{n_shards} shards of {vps} views, fp16, median of "
+                                               f"{args.rounds}, {load_note()}")
+    scalings = ", ".join(f"{b / a:.2f}" for a, b in zip(samples[1], samples[2], strict=True))
+    line("writer_scaling", rates[2] / rates[1], f"2 writer threads / 1 (per round: {scalings})")
 
     figures = {"pipeline_over_floor": cpu16 / floor16, "pipeline_over_floor_int8": cpu8 / floor8,
                "writer_scaling": rates[2] / rates[1]}
