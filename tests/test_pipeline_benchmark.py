@@ -1,0 +1,31 @@
+"""benchmarks/cache_build.py --pipeline on a tiny GTA5-size run: every figure the issue asks for is printed
+and the ratios agree with the figures they come from, so the instrument cannot rot between measurements."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_benchmark_prints_every_figure(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cache_build.py"), "--pipeline", "--images",
+                           "2", "--rounds", "1", "--writer-views", "16", "--writer-views-per-shard", "8",
+                           "--views-per-shard", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = {k: float(v) for k, v in re.findall(r"^([a-z0-9_]+)=(\S+)", done.stdout, re.M)}
+    for name in ("pipeline_core_ms_per_view", "pipeline_kernel_ms_per_view", "floor_core_ms_per_view",
+                 "pipeline_over_floor", "pipeline_over_floor_int8", "pipeline_views_per_s_w1",
+                 "pipeline_views_per_s_w2", "writer_views_per_s_t1", "writer_views_per_s_t2", "writer_scaling"):
+        assert name in figures and math.isfinite(figures[name]) and figures[name] > 0, (name, done.stdout)
+    ratio = figures["pipeline_core_ms_per_view"] / figures["floor_core_ms_per_view"]
+    assert abs(ratio - figures["pipeline_over_floor"]) < 1e-2 * ratio
+    assert figures["pipeline_kernel_ms_per_view"] < figures["pipeline_core_ms_per_view"]
+    assert "# goal pipeline_over_floor <= 1.5:" in done.stdout and "touching freed memory" in done.stdout
