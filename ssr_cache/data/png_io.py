@@ -122,7 +122,6 @@ def read_label_ids(path: str | os.PathLike) -> np.ndarray:
 def read_label_16bit_red(path: str | os.PathLike) -> np.ndarray:
     """The first (R) channel of a 16-bit multi-channel label PNG (SYNTHIA: class id in R, instance id in G),
     as uint16 (H, W). An 8-bit file is refused: it is not what SYNTHIA ships, and its values would be wrong."""
-
     path = Path(path)
     with _open_png(path):  # one clear line for missing / non-PNG files before OpenCV sees them
         pass
@@ -139,7 +138,6 @@ def read_label_16bit_red(path: str | os.PathLike) -> np.ndarray:
 
 def write_label_16bit(path: str | os.PathLike, class_ids: np.ndarray, instance_ids: np.ndarray) -> None:
     """Write a 16-bit RGB label PNG as SYNTHIA does: class id in R, instance id in G, B zero."""
-
     path = Path(path)
     bgr = np.zeros((*class_ids.shape, 3), np.uint16)
     bgr[..., 2], bgr[..., 1] = class_ids, instance_ids

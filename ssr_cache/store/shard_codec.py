@@ -1,9 +1,9 @@
-"""One whole shard of a per-view array, encoded in the calling thread to the exact bytes zarr writes.
+"""One shard file of a per-view array, encoded in the calling threads to the exact bytes zarr writes.
 
 Why not `array[a:b] = values`: zarr encodes every chunk through its single event-loop thread and a shared
-executor, so N build writer threads never gave more than ~1.1x one thread (docs/benchmarks.md). Here each
-writer thread compresses its own shard with numcodecs' Blosc (which releases the GIL off the main thread)
-and hands the finished file to the store in one `set`. The bytes are those of zarr's sharding codec for
+executor, so N build writer threads never gave more than ~1.1x one thread (docs/benchmarks.md). Here the
+writer threads compress views with numcodecs' Blosc (which releases the GIL off the main thread) and the
+store writes the finished file's parts itself. The bytes are those of zarr's sharding codec for
 our layout (bytes → blosc → crc32c per chunk, chunks in view order, uint64 (offset, length) index + crc32c
 at the end; every view gets a chunk, even one equal to the fill value, as the store's writable arrays are
 configured: `verify` tells written from missing by it); tests/test_shard_codec.py compares them to zarr's
@@ -31,7 +31,7 @@ def _crc32c(data) -> bytes:
 
 
 class ShardEncoder:
-    """Encodes (n, *tail) values of one shard of `array` (chunks of one view, shards of `shard_views`).
+    """Encodes the views of one shard of `array` (chunks of one view, shards of `shard_views`).
 
     `from_array` returns None for any other codec layout, so callers fall back to zarr's own write path.
     """
@@ -79,7 +79,3 @@ class ShardEncoder:
             offset += length
         index_bytes = index.tobytes()
         return [*parts, index_bytes, _crc32c(index_bytes)]
-
-    def encode(self, values: np.ndarray) -> bytes:
-        """The shard file for `values`: its first n <= shard_views views."""
-        return b"".join(self.file_parts([self.encode_chunk(v) for v in values]))
