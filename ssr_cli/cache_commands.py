@@ -59,6 +59,10 @@ def build(
                                             "CPU; the reference runs SAM in fp32). Recorded in the cache."),
     workers: int = typer.Option(2, help="Decoding worker processes."),
     writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: cores, 2-8)."),
+    direct_io: bool = typer.Option(True, "--direct-io/--buffered-io",
+                                   help="Write shard files past the page cache (O_DIRECT, where the filesystem "
+                                        "offers it), or through it (keeps a small cache in memory for a training "
+                                        "run right after)."),
     max_images: int = typer.Option(None, help="Only the first N images (reduced builds)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built with other settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
@@ -72,7 +76,8 @@ def build(
         resize=parse_resize(resize) if resize else None, ratio_range=_parse_range(ratio_range),
         seed=seed, levels=parse_int_list(levels, what="--levels") if levels else None,
         feature_dtype=feature_dtype, views_per_shard=views_per_shard, batch_size=batch_size, device=device,
-        autocast=autocast, workers=workers, writer_threads=writer_threads, max_images=max_images, overwrite=overwrite,
+        autocast=autocast, workers=workers, writer_threads=writer_threads, direct_io=direct_io,
+        max_images=max_images, overwrite=overwrite,
     )
     # Lazy: the size estimate and the build import the SAM encoder (segment_anything), which only the
     # commands that run SAM load; `ssr train` in cache mode never does (tests/test_train_engine.py).

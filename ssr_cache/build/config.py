@@ -40,6 +40,7 @@ class CacheBuildConfig:
     autocast: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on CPU
     workers: int = 2
     writer_threads: int | None = None  # None: shard_writer.default_writer_threads()
+    direct_io: bool = True  # shard files past the page cache (O_DIRECT) where offered: written once, not re-read
     max_images: int | None = None  # build over the first N images only (reduced builds)
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -69,7 +70,7 @@ class CacheBuildConfig:
         """What the store records of its build: everything but where it was written and how it was run,
         so that two builds of the same cache are bitwise equal wherever they live."""
         out = self.to_dict()
-        for key in ("out", "overwrite", "workers", "writer_threads", "device"):
+        for key in ("out", "overwrite", "workers", "writer_threads", "direct_io", "device"):
             out.pop(key)
         return out
 

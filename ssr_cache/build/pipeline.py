@@ -332,7 +332,7 @@ def open_or_create_store(cfg: CacheBuildConfig, layout: StoreLayout, build_plan:
         except OSError as exc:
             raise translate_os_error(exc, cfg.out) from exc
     barrier(rank)
-    return FeatureStore.open(cfg.out, mode="r+")
+    return FeatureStore.open(cfg.out, mode="r+", direct_io=cfg.direct_io)
 
 
 def load_encoder(cfg: CacheBuildConfig, device: torch.device, enc_fp: dict, console: Console, rank: RankInfo):

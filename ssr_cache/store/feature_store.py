@@ -33,6 +33,7 @@ from ssr_cache.build.view_plan import VIEW_COLUMNS
 from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
 from ssr_cache.data.labels import IGNORE_INDEX
 from ssr_cache.errors import SSRError
+from ssr_cache.store.direct_write import write_direct
 from ssr_cache.store.feature_codec import (
     FEATURE_DTYPES,
     dequantize_int8,
@@ -250,11 +251,13 @@ def _to_json(what: str, value: dict) -> dict:
 class FeatureStore:
     """An opened cache. Use `FeatureStore.create(...)` or `FeatureStore.open(url, mode)`."""
 
-    def __init__(self, url: str, group: zarr.Group, *, local_path: Path | None, writable: bool):
+    def __init__(self, url: str, group: zarr.Group, *, local_path: Path | None, writable: bool,
+                 direct_io: bool = False):
         self.url = url
         self.group = group
         self.local_path = local_path
         self.writable = writable
+        self.direct_io = direct_io  # shard files past the page cache, where offered (direct_write.py)
         self.attrs: dict = dict(group.attrs)
         self.layout = StoreLayout.from_dict(self.attrs["layout"])
         self.fingerprint: dict = self.attrs["fingerprint"]
@@ -331,8 +334,9 @@ class FeatureStore:
         return cls.open(url, mode="r+")
 
     @classmethod
-    def open(cls, url: str | Path, mode: str = "r") -> FeatureStore:
-        """Open an existing cache; "r" read-only, "r+" to write shards."""
+    def open(cls, url: str | Path, mode: str = "r", *, direct_io: bool = False) -> FeatureStore:
+        """Open an existing cache; "r" read-only, "r+" to write shards (with `direct_io`, the local shard
+        files a build writes bypass the page cache where the filesystem offers O_DIRECT)."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         url = str(url)
@@ -357,7 +361,7 @@ class FeatureStore:
                            f"… --overwrite`")
         if attrs.get("state") != "ready":
             raise SSRError(f"{url} was not fully created (interrupted?); re-run the build command to finish it")
-        return cls(url, group, local_path=local, writable=mode == "r+")
+        return cls(url, group, local_path=local, writable=mode == "r+", direct_io=direct_io)
 
     # ------------------------------------------------------------ table + progress
 
@@ -542,7 +546,8 @@ class FeatureStore:
     def _put_file(self, key: str, parts: list[bytes]) -> None:
         """Replace one file, never leaving half of it under its name. Local: written part by part (no joined
         copy of a 100 MB shard) under zarr LocalStore's temp name, which `_remove_partials` cleans up after a
-        kill, then renamed; elsewhere one put of the whole object."""
+        kill, then renamed (with `direct_io`, past the page cache where offered); elsewhere one put of the
+        whole object."""
         if self.local_path is None:
             sync(self.group.store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(parts))))
             return
@@ -550,8 +555,9 @@ class FeatureStore:
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as handle:
-                handle.writelines(parts)
+            if not (self.direct_io and write_direct(tmp, parts)):
+                with open(tmp, "wb") as handle:
+                    handle.writelines(parts)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
