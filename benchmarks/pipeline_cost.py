@@ -5,7 +5,8 @@ views per image) with a stand-in encoder that returns fixed SAM-shaped features 
 second measured is the pipeline's own: decoding, cropping, batching, casting, compressing, writing.
 
   pipeline_core_ms_per_view  CPU time of every process and thread of the build (workers included) / views
-  pipeline_kernel_ms_per_view  the system (kernel) part of it: page cache writes, shared memory, page faults
+  pipeline_kernel_ms_per_view  the system (kernel) part of it: writes, shared memory, page faults
+  pipeline_core_ms_per_view_buffered  the same build with --buffered-io (shard files through the page cache)
   floor_core_ms_per_view     decoding one frame / K + compressing each of its K views' stored bytes with the
                              store's own codecs, measured in the same run: work no pipeline can avoid
   pipeline_over_floor(_int8) the ratio (goal <= 1.5)
@@ -155,7 +156,8 @@ def floor_ms(png: Path, item: dict, features: dict[str, np.ndarray], vpi: int) -
 
 def writer_rate(url: Path, src: FeatureStore, layout: StoreLayout, shards: list[dict], threads: int) -> float:
     """Views per second when `threads` threads write the prepared shards (each thread its own shards)."""
-    store = FeatureStore.create(str(url), layout, src.view_arrays(), src.sample_ids, src.fingerprint, overwrite=True)
+    FeatureStore.create(str(url), layout, src.view_arrays(), src.sample_ids, src.fingerprint, overwrite=True)
+    store = FeatureStore.open(url, "r+", direct_io=True)  # as the build writes
     errors = []
 
     def work(mine: list[int]) -> None:
@@ -191,11 +193,11 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
           f"{n_images * vpi} views, resize {RESIZE[0]}x{RESIZE[1]}, crop {CROP}, stand-in vit_b encoder "
           f"(fixed features, levels {encoder.levels}), batch {args.batch_size}, {args.views_per_shard} views/shard")
 
-    def config(name: str, dtype: str, workers: int) -> CacheBuildConfig:
+    def config(name: str, dtype: str, workers: int, direct_io: bool = True) -> CacheBuildConfig:
         return CacheBuildConfig(dataset="gta5", data_root=root, out=str(work / name), sam="vit_b",
                                 views_per_image=vpi, crop=(CROP, CROP), resize=RESIZE, batch_size=args.batch_size,
                                 feature_dtype=dtype, views_per_shard=args.views_per_shard, workers=workers,
-                                overwrite=True)
+                                direct_io=direct_io, overwrite=True)
 
     cfg = config("fp16_w2", "float16", 2)
     ds, labelled = open_build_dataset(cfg)
@@ -206,15 +208,16 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     # Builds and floor measurements alternate, round after round, and each figure is the median of its
     # rounds: this machine's speed drifts by +-25 % within minutes (other tenants), and a ratio of two
     # figures taken minutes apart would mostly measure that drift.
-    cpu = {"float16": [], "int8": []}
-    kernel = {"float16": [], "int8": []}
+    cpu = {"float16": [], "int8": [], "buffered": []}
+    kernel = {"float16": [], "int8": [], "buffered": []}
     floors = {"float16": [], "int8": []}
     for r in range(args.rounds):
-        for dtype in ("float16", "int8"):
-            c, wall, n, system = timed_build(config(f"{dtype}_w2", dtype, 2), encoder)
-            cpu[dtype].append(1000 * c / n)
-            kernel[dtype].append(1000 * system / n)
-            print(f"# round {r + 1} build {dtype}, 2 workers: {n} views, CPU {c:.1f} s, wall {wall:.1f} s, {load_note()}")
+        for kind in ("float16", "int8", "buffered"):  # buffered: fp16 through the page cache (--buffered-io)
+            dtype = "float16" if kind == "buffered" else kind
+            c, wall, n, system = timed_build(config(f"{kind}_w2", dtype, 2, kind != "buffered"), encoder)
+            cpu[kind].append(1000 * c / n)
+            kernel[kind].append(1000 * system / n)
+            print(f"# round {r + 1} build {kind}, 2 workers: {n} views, CPU {c:.1f} s, wall {wall:.1f} s, {load_note()}")
         floor = floor_ms(pngs[0], item, feats, vpi)
         for dtype in ("float16", "int8"):
             floors[dtype].append(floor["decode_per_view"] + floor[dtype])
@@ -227,8 +230,12 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     floor16, floor8 = float(np.median(floors["float16"])), float(np.median(floors["int8"]))
     line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers, median of {args.rounds}; int8 {cpu8:.1f} ms")
     line("pipeline_kernel_ms_per_view", float(np.median(kernel["float16"])),
-         f"of pipeline_core: system CPU (page cache writes, shared memory, page faults); int8 "
+         f"of pipeline_core: system CPU (writes, shared memory, page faults); int8 "
          f"{float(np.median(kernel['int8'])):.1f} ms")
+    buffered, buffered_kernel = float(np.median(cpu["buffered"])), float(np.median(kernel["buffered"]))
+    line("pipeline_core_ms_per_view_buffered", buffered,
+         f"fp16 written through the page cache (--buffered-io), of it kernel {buffered_kernel:.1f} ms; "
+         f"buffered / direct {buffered / cpu16:.2f}")
     line("floor_core_ms_per_view", floor16, f"fp16, median of {args.rounds}; int8 {floor8:.1f} ms")
     line("pipeline_over_floor", cpu16 / floor16)
     line("pipeline_over_floor_int8", cpu8 / floor8)
