@@ -181,6 +181,18 @@ def test_views_sharing_an_image_give_the_same_crops_together_or_alone():
         assert np.array_equal(crop, alone) and np.array_equal(lab, alone_lab)
 
 
+def test_a_flipped_view_is_the_mirror_of_the_unflipped_one_at_gta5_size():
+    """The flip goes through cv2.flip (pixels) and reversed gather columns (labels): exactly numpy's mirror."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (1052, 1914, 3), dtype=np.uint8)
+    label = rng.integers(0, 256, (1052, 1914), dtype=np.uint8)
+    boxes = [(0, 0, 512, 512), (208, 768, 720, 1280), (17, 301, 529, 813)]
+    plain = apply_views(image, label, [View(0, 0.684, (720, 1280), b, False) for b in boxes])
+    flipped = apply_views(image, label, [View(0, 0.684, (720, 1280), b, True) for b in boxes])
+    for (crop, lab), (crop_f, lab_f) in zip(plain, flipped, strict=True):
+        assert np.array_equal(crop_f, crop[:, ::-1]) and np.array_equal(lab_f, lab[:, ::-1])
+
+
 def test_apply_view_resize_matches_torch_nearest_for_labels():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)

@@ -12,6 +12,8 @@ shards are skipped on a re-run (resume), and an interrupted store creation is fi
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 import time
 import warnings
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from ssr_cache import __version__
 from ssr_cache.build.config import CacheBuildConfig, autocast_dtype, resolve_precision
 from ssr_cache.build.shard_writer import ShardStream, default_writer_threads, translate_os_error
-from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, iter_view_crops, plan_views
+from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, plan_views, write_view_crops
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
 from ssr_cache.data.png_io import image_size
 from ssr_cache.distributed import RankInfo, barrier, rank_device, rank_info
@@ -195,9 +197,10 @@ class ViewCropDataset(Dataset):
                "counts": _tensor((n, self.space.num_classes), torch.int32, shared)}
         views_np, pixels_np, labels_np, counts_np = (out[k].numpy() for k in ("views", "pixels", "labels", "counts"))
         views_np[:] = views
-        for i, (crop, label_crop) in enumerate(iter_view_crops(image, label, rows)):
-            pixels_np[i] = crop
-            labels_np[i] = self.space.ignore_index if label_crop is None else label_crop
+        write_view_crops(image, label, rows, pixels_np, labels_np)
+        if label is None:
+            labels_np[:] = self.space.ignore_index
+        for i in range(n):
             counts_np[i] = self.space.count(labels_np[i])
         return out
 
@@ -367,7 +370,7 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     task = bar.add_task("", total=len(view_idx), info="")
     built = 0
     try:
-        with bar:
+        with bar, frozen_gc():
             for group in iter_batches(loader, cfg.batch_size):
                 views = np.concatenate([np.asarray(g["views"]) for g in group])
                 pixels = joined([g["pixels"] for g in group])
@@ -383,6 +386,18 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     finally:
         stream.close()  # shards completed before an error are still written: a re-run resumes after them
     return built
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Everything alive before the loop (torch, zarr, the plan: ~350k objects) moved out of the garbage
+    collector's sight while it runs: full collections then scan only the loop's own objects, and forked
+    decoding workers do not write (copy-on-write) into the parent's pages when they collect."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:

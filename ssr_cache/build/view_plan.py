@@ -237,29 +237,38 @@ def apply_view(image: np.ndarray, label: np.ndarray | None, view: View) -> tuple
 def apply_views(image: np.ndarray, label: np.ndarray | None, views: Sequence[View]
                 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """`apply_view` for several views of one image; views sharing a resized size share one resize."""
-    return [(np.ascontiguousarray(crop), None if lab is None else np.ascontiguousarray(lab))
-            for crop, lab in iter_view_crops(image, label, views)]
+    if not views:
+        return []
+    h, w = views[0].box[2] - views[0].box[0], views[0].box[3] - views[0].box[1]
+    pixels = np.empty((len(views), h, w, 3), np.uint8)
+    labels = None if label is None else np.empty((len(views), h, w), np.uint8)
+    write_view_crops(image, label, views, pixels, labels)
+    return [(pixels[i], None if labels is None else labels[i]) for i in range(len(views))]
 
 
-def iter_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequence[View]
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """`apply_views` as strided views into the resized image (no copy), for callers that copy each crop
-    straight to where it goes (the build's decoding workers: into shared memory)."""
+def write_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequence[View], pixels: np.ndarray,
+                     labels: np.ndarray | None) -> None:
+    """`apply_views` written into `pixels[i]` (n, h, w, 3) and `labels[i]` (n, h, w) (or not, when either is
+    None), for callers that own where crops go (the build's decoding workers: shared memory). A flipped crop
+    goes through cv2.flip and a flipped label through reversed gather columns: numpy's copy of a reversed
+    3-byte-pixel view takes 60x longer than a plain copy (1.8 ms per 512 crop)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SSRError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if label is not None and label.shape[:2] != image.shape[:2]:
         raise SSRError(f"label shape {label.shape[:2]} differs from image shape {image.shape[:2]}")
     resized: dict[tuple[int, int], np.ndarray] = {}
-    for view in views:
+    for i, view in enumerate(views):
         if view.resized_hw not in resized:
             resized[view.resized_hw] = resize_image(image, view.resized_hw)
         y0, x0, y1, x1 = view.box
         crop = resized[view.resized_hw][y0:y1, x0:x1]
-        label_crop = None if label is None else _nearest_crop(np.asarray(label, np.uint8), view.resized_hw, view.box)
-        if view.flip:
-            crop = crop[:, ::-1]
-            label_crop = None if label_crop is None else label_crop[:, ::-1]
-        yield crop, label_crop
+        if pixels is not None:
+            if view.flip:
+                cv2.flip(crop, 1, dst=pixels[i])
+            else:
+                pixels[i] = crop
+        if label is not None and labels is not None:
+            labels[i] = _nearest_crop(np.asarray(label, np.uint8), view.resized_hw, view.box, flip=view.flip)
 
 
 def resize_image(image: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:
@@ -270,14 +279,12 @@ def resize_image(image: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-
-
-def _nearest_crop(label: np.ndarray, resized_hw: tuple[int, int], box) -> np.ndarray:
+def _nearest_crop(label: np.ndarray, resized_hw: tuple[int, int], box, *, flip: bool = False) -> np.ndarray:
     y0, x0, y1, x1 = box
     in_h, in_w = label.shape[:2]
     rows = np.minimum((np.arange(y0, y1) * (in_h / resized_hw[0])).astype(np.int64), in_h - 1)
     cols = np.minimum((np.arange(x0, x1) * (in_w / resized_hw[1])).astype(np.int64), in_w - 1)
-    return label[rows][:, cols]  # rows first, then columns: the same pixels as one 2-D gather, 3x faster
+    return label[rows][:, cols[::-1] if flip else cols]  # rows, then columns: one 2-D gather's pixels, 3x faster
 
 
 @contextlib.contextmanager
