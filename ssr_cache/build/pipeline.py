@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import sys
 import time
 import warnings
@@ -206,11 +207,13 @@ class ViewCropDataset(Dataset):
 
 
 def _tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
     if not shared:
-        return out
+        return torch.empty(shape, dtype=dtype)
     try:
-        return out.share_memory_()
+        # Allocated in shared memory directly, as torch's default_collate does in a worker: share_memory_()
+        # would first fault in private pages, then copy them there.
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
     except (RuntimeError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SSRError(f"the decoding workers ran out of shared memory ({reason}): give /dev/shm more room "
