@@ -89,6 +89,18 @@ def test_codes_match_the_definition_with_and_without_nonfinite_parameters():
     np.testing.assert_array_equal(quantize_int8(x)[0], reference_codes(x))
 
 
+def test_codes_round_half_to_even_as_the_definition_does():
+    """The CPU's one-pass rounding (cv2's saturating conversion) on exact ties k + 0.5 and at both ends."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 2, (2, 6, 40, 40)).astype(np.float32)
+    x[0, 0] = rng.integers(0, 511, (40, 40)) / np.float32(2)  # lo 0, hi 255: q = x, half of them ties
+    x[0, 0, 0, :4] = 0.0, 255.0, 2.5, 3.5
+    assert (x[0, 0] % 1 == 0.5).sum() > 500
+    codes = quantize_int8(x)[0]
+    np.testing.assert_array_equal(codes, reference_codes(x))
+    assert codes[0, 0][x[0, 0] == 2.5].max() == 2 and codes[0, 0][x[0, 0] == 3.5].min() == 4
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_encode_features_refuses_nonfinite_int8_input(bad):
     x = np.random.default_rng(6).normal(size=(2, 4, 5, 5)).astype(np.float32)
