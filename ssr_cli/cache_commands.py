@@ -79,6 +79,10 @@ def build(
         autocast=autocast, workers=workers, writer_threads=writer_threads, direct_io=direct_io,
         max_images=max_images, overwrite=overwrite,
     )
+    _describe_or_build(cfg, dry_run=dry_run)
+
+
+def _describe_or_build(cfg: CacheBuildConfig, *, dry_run: bool) -> None:
     # Lazy: the size estimate and the build import the SAM encoder (segment_anything), which only the
     # commands that run SAM load; `ssr train` in cache mode never does (tests/test_train_engine.py).
     if dry_run:

@@ -5,7 +5,7 @@ Data flow (bounded queues, so the encoder never waits on I/O):
   main thread:        batch views → SAM encoder (+ pooled levels) → cast or quantise on the encoder's device
                       → copy the stored form to the host → writer queue
   writer threads:     compress each view's chunks as its batch arrives; write a shard (then its done flags)
-                      as soon as its last view is compressed
+                      as soon as its last view is compressed, past the page cache where offered (O_DIRECT)
 The output is checked (or created) before SAM loads. A rank of a torchrun job owns whole shards; finished
 shards are skipped on a re-run (resume), and an interrupted store creation is finished by re-running.
 """
