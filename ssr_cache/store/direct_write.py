@@ -46,14 +46,17 @@ def write_direct(path: str | os.PathLike, parts) -> bool:
     try:
         _write_blocks(fd, parts)
     except OSError as exc:
-        os.close(fd)
         if exc.errno != errno.EINVAL:
             raise
+        refused = True
+    else:
+        refused = False
+    finally:
+        os.close(fd)
+    if refused:
         path.unlink(missing_ok=True)
         _refused_devices.add(_device(path.parent))
-        return False
-    os.close(fd)
-    return True
+    return not refused
 
 
 def _write_blocks(fd: int, parts) -> None:
