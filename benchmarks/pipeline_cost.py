@@ -42,6 +42,7 @@ from ssr_cache.data.png_io import read_rgb
 from ssr_cache.sam_encoder import get_encoder_config
 from ssr_cache.store.feature_codec import feature_compressors, lossless_compressors, quantize_int8
 from ssr_cache.store.feature_store import FeatureStore, StoreLayout
+from ssr_cache.store.shard_codec import numcodecs_blosc
 
 GOALS = {"pipeline_over_floor": ("<=", 1.5), "pipeline_over_floor_int8": ("<=", 1.5), "writer_scaling": (">=", 1.7)}
 
@@ -117,22 +118,19 @@ def view_bytes(item: dict, features: dict[str, np.ndarray], dtype: str, k: int =
                ) -> list[tuple[np.ndarray, object]]:
     """View k's stored arrays as the store encodes them: (array, its blosc codec) per array (features: a
     copy of the stand-in's, so each view's bytes lie in memory of their own)."""
-    def blosc(codecs):
-        b = codecs[0]
-        return numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=numcodecs.Blosc.SHUFFLE
-                               if b.shuffle.value == "shuffle" else numcodecs.Blosc.NOSHUFFLE,
-                               blocksize=b.blocksize)
+    def stored(arr: np.ndarray, codecs: tuple) -> tuple[np.ndarray, object]:
+        return arr, numcodecs_blosc(codecs[0], arr.dtype.itemsize)  # as ShardEncoder compresses it
 
-    out = [(np.asarray(item["pixels"][k]), blosc(lossless_compressors("uint8"))),
-           (np.asarray(item["labels"][k]), blosc(lossless_compressors("uint8"))),
-           (np.asarray(item["counts"][k]), blosc(lossless_compressors("int32")))]
+    out = [stored(np.asarray(item["pixels"][k]), lossless_compressors("uint8")),
+           stored(np.asarray(item["labels"][k]), lossless_compressors("uint8")),
+           stored(np.asarray(item["counts"][k]), lossless_compressors("int32"))]
     for f in features.values():
         if dtype == "float16":
-            out.append((f[0].astype(np.float16), blosc(feature_compressors("float16"))))
+            out.append(stored(f[0].astype(np.float16), feature_compressors("float16")))
         else:
             codes, scale, offset = quantize_int8(f[:1].copy())
-            out += [(codes[0], blosc(feature_compressors("int8"))), (scale[0], blosc(lossless_compressors("float32"))),
-                    (offset[0], blosc(lossless_compressors("float32")))]
+            out += [stored(codes[0], feature_compressors("int8")), stored(scale[0], lossless_compressors("float32")),
+                    stored(offset[0], lossless_compressors("float32"))]
     return out
 
 

@@ -30,6 +30,12 @@ def _crc32c(data) -> bytes:
     return np.array([google_crc32c.value(data)], "<u4").tobytes()
 
 
+def numcodecs_blosc(codec: BloscCodec, typesize: int) -> numcodecs.Blosc:
+    """The numcodecs compressor that writes the bytes of zarr's `codec` for elements of `typesize` bytes."""
+    return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=_SHUFFLE[codec.shuffle.value],
+                           blocksize=codec.blocksize, typesize=typesize)
+
+
 class ShardEncoder:
     """Encodes the views of one shard of `array` (chunks of one view, shards of `shard_views`).
 
@@ -58,9 +64,7 @@ class ShardEncoder:
         ):
             return None
         b = inner[1]
-        blosc = numcodecs.Blosc(cname=b.cname.value, clevel=b.clevel, shuffle=_SHUFFLE[b.shuffle.value],
-                                blocksize=b.blocksize, typesize=b.typesize)
-        return cls(blosc=blosc, dtype=array.dtype, shard_views=int(shard_shape[0]))
+        return cls(blosc=numcodecs_blosc(b, b.typesize), dtype=array.dtype, shard_views=int(shard_shape[0]))
 
     def encode_chunk(self, view: np.ndarray) -> bytes:
         """One view's chunk (blosc-compressed; its crc32c is added by `file_parts`). Thread-safe: the build's
