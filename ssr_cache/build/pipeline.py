@@ -199,10 +199,12 @@ class ViewCropDataset(Dataset):
         views_np, pixels_np, labels_np, counts_np = (out[k].numpy() for k in ("views", "pixels", "labels", "counts"))
         views_np[:] = views
         write_view_crops(image, label, rows, pixels_np, labels_np)
-        if label is None:
+        if label is None:  # unlabelled: every pixel ignored, so no class is counted
             labels_np[:] = self.space.ignore_index
-        for i in range(n):
-            counts_np[i] = self.space.count(labels_np[i])
+            counts_np[:] = 0
+        else:
+            for i in range(n):
+                counts_np[i] = self.space.count(labels_np[i])
         return out
 
 

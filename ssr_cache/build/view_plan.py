@@ -248,10 +248,10 @@ def apply_views(image: np.ndarray, label: np.ndarray | None, views: Sequence[Vie
 
 def write_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequence[View], pixels: np.ndarray,
                      labels: np.ndarray | None) -> None:
-    """`apply_views` written into `pixels[i]` (n, h, w, 3) and `labels[i]` (n, h, w) (or not, when either is
-    None), for callers that own where crops go (the build's decoding workers: shared memory). A flipped crop
-    goes through cv2.flip and a flipped label through reversed gather columns: numpy's copy of a reversed
-    3-byte-pixel view takes 60x longer than a plain copy (1.8 ms per 512 crop)."""
+    """`apply_views` written into `pixels[i]` (n, h, w, 3) and, when both `label` and `labels` are given,
+    `labels[i]` (n, h, w): for callers that own where crops go (the build's decoding workers: shared memory).
+    A flipped crop goes through cv2.flip and a flipped label through reversed gather columns: numpy's copy of
+    a reversed 3-byte-pixel view takes 60x longer than a plain copy (1.8 ms per 512 crop)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SSRError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if label is not None and label.shape[:2] != image.shape[:2]:
@@ -262,11 +262,10 @@ def write_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequenc
             resized[view.resized_hw] = resize_image(image, view.resized_hw)
         y0, x0, y1, x1 = view.box
         crop = resized[view.resized_hw][y0:y1, x0:x1]
-        if pixels is not None:
-            if view.flip:
-                cv2.flip(crop, 1, dst=pixels[i])
-            else:
-                pixels[i] = crop
+        if view.flip:
+            cv2.flip(crop, 1, dst=pixels[i])
+        else:
+            pixels[i] = crop
         if label is not None and labels is not None:
             labels[i] = _nearest_crop(np.asarray(label, np.uint8), view.resized_hw, view.box, flip=view.flip)
 
