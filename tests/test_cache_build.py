@@ -14,7 +14,7 @@ import torch
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
 from ssr_cache.build.config import CacheBuildConfig
-from ssr_cache.build.pipeline import build_cache
+from ssr_cache.build.pipeline import build_cache, item_tensors
 from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.errors import SSRError
 from ssr_cache.sam_encoder import build_sam_encoder, pool_levels
@@ -213,3 +213,19 @@ def test_deep_verify_catches_features_that_decode_fine_but_are_wrong(gta_store, 
     assert shallow.returncode == 0  # every chunk is valid: only re-encoding can tell
     deep = run_ssr("cache", "verify", str(copy), "--deep", "--deep-views", "12")
     assert deep.returncode == 2 and "max relative error" in deep.stdout
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_items_arrays_lie_in_one_block_each_aligned_and_apart(shared):
+    # A decoding worker hands its item over as one block of shared memory (one file descriptor, not four).
+    specs = {"views": ((3,), torch.int64), "pixels": ((3, 5, 7, 3), torch.uint8),
+             "labels": ((3, 5, 7), torch.uint8), "counts": ((3, 19), torch.int32)}
+    out = item_tensors(specs, shared=shared)
+    storages = {t.untyped_storage().data_ptr() for t in out.values()}
+    assert len(storages) == 1 and out["pixels"].untyped_storage().is_shared() == shared
+    for name, (shape, dtype) in specs.items():
+        t = out[name]
+        assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 64 == 0
+    for value, t in enumerate(out.values(), start=1):
+        t.fill_(value)
+    assert [int(t.min()) for t in out.values()] == [int(t.max()) for t in out.values()] == [1, 2, 3, 4]

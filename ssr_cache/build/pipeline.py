@@ -188,14 +188,16 @@ class ViewCropDataset(Dataset):
             return {"error": str(exc)}
 
     def _crops(self, views: np.ndarray, image: np.ndarray, label: np.ndarray | None) -> dict:
-        # Every tensor goes straight into the memory the DataLoader hands to the main process: allocated in
-        # shared memory in a worker (here, where running out of it is one line), so it crosses without a copy.
+        # Every array goes straight into the memory the DataLoader hands to the main process: one block of
+        # shared memory per item, allocated in a worker (here, where running out of it is one line), so it
+        # crosses without a copy, and as one file descriptor rather than one per array (each costs a socket
+        # round trip and a mapping on both sides).
         rows = [self.plan.row(int(v)) for v in views]
         h, w = rows[0].box[2] - rows[0].box[0], rows[0].box[3] - rows[0].box[1]
-        n, shared = len(views), get_worker_info() is not None
-        out = {"views": _tensor((n,), torch.int64, shared), "pixels": _tensor((n, h, w, 3), torch.uint8, shared),
-               "labels": _tensor((n, h, w), torch.uint8, shared),
-               "counts": _tensor((n, self.space.num_classes), torch.int32, shared)}
+        n = len(views)
+        out = item_tensors({"views": ((n,), torch.int64), "pixels": ((n, h, w, 3), torch.uint8),
+                            "labels": ((n, h, w), torch.uint8), "counts": ((n, self.space.num_classes), torch.int32)},
+                           shared=get_worker_info() is not None)
         views_np, pixels_np, labels_np, counts_np = (out[k].numpy() for k in ("views", "pixels", "labels", "counts"))
         views_np[:] = views
         write_view_crops(image, label, rows, pixels_np, labels_np)
@@ -208,18 +210,26 @@ class ViewCropDataset(Dataset):
         return out
 
 
-def _tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+def item_tensors(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool) -> dict[str, torch.Tensor]:
+    """{name: empty tensor of (shape, dtype)}, all in one block of memory (shared memory when `shared`),
+    each starting on a 64-byte boundary."""
+    offsets, size = {}, 0
+    for name, (shape, dtype) in specs.items():
+        offsets[name] = size
+        size += -(-math.prod(shape) * dtype.itemsize // 64) * 64
     if not shared:
-        return torch.empty(shape, dtype=dtype)
-    try:
-        # Allocated in shared memory directly, as torch's default_collate does in a worker: share_memory_()
-        # would first fault in private pages, then copy them there.
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
-    except (RuntimeError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SSRError(f"the decoding workers ran out of shared memory ({reason}): give /dev/shm more room "
-                       "(in Docker: --shm-size=2g) or build with --workers 0") from None
+        storage = torch.UntypedStorage(size)
+    else:
+        try:
+            # Allocated in shared memory directly, as torch's default_collate does in a worker:
+            # share_memory_() would first fault in private pages, then copy them there.
+            storage = torch.UntypedStorage._new_shared(size)
+        except (RuntimeError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SSRError(f"the decoding workers ran out of shared memory ({reason}): give /dev/shm more room "
+                           "(in Docker: --shm-size=2g) or build with --workers 0") from None
+    return {name: torch.empty((0,), dtype=dtype).set_(storage, offsets[name] // dtype.itemsize, shape)
+            for name, (shape, dtype) in specs.items()}
 
 
 def iter_batches(loader, batch_size: int) -> Iterator[list[dict]]:
