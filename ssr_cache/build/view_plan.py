@@ -267,7 +267,7 @@ def write_view_crops(image: np.ndarray, label: np.ndarray | None, views: Sequenc
         else:
             pixels[i] = crop
         if label is not None and labels is not None:
-            labels[i] = _nearest_crop(np.asarray(label, np.uint8), view.resized_hw, view.box, flip=view.flip)
+            _nearest_crop(np.asarray(label, np.uint8), view.resized_hw, view.box, flip=view.flip, out=labels[i])
 
 
 def resize_image(image: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:
@@ -278,12 +278,17 @@ def resize_image(image: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _nearest_crop(label: np.ndarray, resized_hw: tuple[int, int], box, *, flip: bool = False) -> np.ndarray:
+def _nearest_crop(label: np.ndarray, resized_hw: tuple[int, int], box, *, flip: bool = False,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """The box of the label resized by nearest neighbour (C-contiguous; into `out` when given)."""
     y0, x0, y1, x1 = box
     in_h, in_w = label.shape[:2]
     rows = np.minimum((np.arange(y0, y1) * (in_h / resized_hw[0])).astype(np.int64), in_h - 1)
     cols = np.minimum((np.arange(x0, x1) * (in_w / resized_hw[1])).astype(np.int64), in_w - 1)
-    return label[rows][:, cols[::-1] if flip else cols]  # rows, then columns: one 2-D gather's pixels, 3x faster
+    # Rows, then columns by take: label[rows][:, cols] would give a column-major result that costs a
+    # second, strided pass to make contiguous (2.5x the whole gather). mode="clip" lets take write into
+    # `out` unbuffered; every index is in range already.
+    return np.take(label[rows], cols[::-1] if flip else cols, axis=1, out=out, mode="clip")
 
 
 @contextlib.contextmanager
