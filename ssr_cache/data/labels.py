@@ -136,8 +136,11 @@ def ids_to_train_ids(label_ids: np.ndarray, source: str) -> np.ndarray:
 
 
 def check_train_ids(train_ids: np.ndarray, source: str) -> np.ndarray:
-    """Validate an array that already holds train ids (0..18 or 255), as in `*_labelTrainIds.png`."""
+    """Validate an array that already holds train ids (0..18 or 255), as in `*_labelTrainIds.png`; returned
+    writable (a copy of a read-only input)."""
     train_ids = np.asarray(train_ids, dtype=np.uint8)
+    if not train_ids.flags.writeable:
+        train_ids = train_ids.copy()
     bad = (train_ids >= NUM_CLASSES) & (train_ids != IGNORE_INDEX)
     if bad.any():
         raise SSRError(f"{source}: train id {int(train_ids[bad][0])} is not valid (0..{NUM_CLASSES - 1} or {IGNORE_INDEX})")
