@@ -18,6 +18,7 @@ from ssr_cache.data.labels import (
     count_values,
     ids_to_train_ids,
 )
+from ssr_cache.data.png_io import read_label_ids, write_png_atomic
 from ssr_cache.errors import SSRError
 
 
@@ -94,6 +95,19 @@ def test_check_train_ids():
     assert check_train_ids(ok, "t.png").tolist() == [0, 18, 255]
     with pytest.raises(SSRError, match=r"^t\.png: train id 19 is not valid"):
         check_train_ids(np.array([0, 19], dtype=np.uint8), "t.png")
+
+
+def test_label_ids_read_only_as_read_and_train_ids_writable_once_checked(tmp_path):
+    # read_label_ids hands out Pillow's decoded bytes without a copy; what leaves the dataset is writable.
+    values = np.array([[0, 7, 18], [255, 3, 1]], dtype=np.uint8)
+    write_png_atomic(tmp_path / "l_labelTrainIds.png", values)
+    raw = read_label_ids(tmp_path / "l_labelTrainIds.png")
+    assert raw.tolist() == values.tolist() and not raw.flags.writeable
+    checked = check_train_ids(raw, "l_labelTrainIds.png")
+    assert checked.flags.writeable and checked.tolist() == values.tolist()
+    ids = np.minimum(raw, 33)  # Cityscapes label ids: 0..33
+    ids.setflags(write=False)
+    assert ids_to_train_ids(ids, "l.png").flags.writeable
 
 
 @pytest.mark.parametrize("shape", [(1052, 1914), (512, 512), (3, 7), (1,), (0, 4), (4097, 4097)])
