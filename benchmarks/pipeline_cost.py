@@ -6,6 +6,8 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
 
   pipeline_core_ms_per_view  CPU time of every process and thread of the build (workers included) / views
   pipeline_kernel_ms_per_view  the system (kernel) part of it: writes, shared memory, page faults
+                             (and a comment line splits it by role: main thread, writer threads, decoding
+                             workers, so what lies above the floor can be told apart)
   pipeline_core_ms_per_view_buffered  the same build with --buffered-io (shard files through the page cache)
   floor_core_ms_per_view     decoding one frame / K + compressing each of its K views' stored bytes with the
                              store's own codecs, measured in the same run: work no pipeline can avoid
@@ -26,6 +28,7 @@ import os
 import resource
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
@@ -79,6 +82,11 @@ def cpu_seconds() -> np.ndarray:
     return np.array([own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime])
 
 
+def children_seconds() -> float:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
 def load_note() -> str:
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -97,12 +105,32 @@ def page_touch_note(mib: int = 256) -> str:
     return f"touching freed memory: {costs[0]:.2f} us/page at once, {costs[1]:.2f} us/page after 2 s"
 
 
-def timed_build(cfg: CacheBuildConfig, encoder) -> tuple[float, float, int, float]:
-    """(CPU seconds, wall seconds, views built, of the CPU seconds those in the kernel) of one build_cache call."""
-    c, t = cpu_seconds(), time.perf_counter()
+@dataclass(frozen=True)
+class BuildTiming:
+    """One build_cache call: CPU seconds in all (and of it in the kernel), wall seconds, views built, and
+    the CPU by role: the main thread (planning, batching, casting or quantising), the process's other
+    threads (the shard writers: compression and writes) and the decoding workers (child processes)."""
+
+    cpu: float
+    system: float
+    wall: float
+    views: int
+    main: float
+    threads: float
+    workers: float
+
+    def roles_ms(self) -> str:
+        return (f"main {1000 * self.main / self.views:.1f}, writers {1000 * self.threads / self.views:.1f}, "
+                f"workers {1000 * self.workers / self.views:.1f} ms/view")
+
+
+def timed_build(cfg: CacheBuildConfig, encoder) -> BuildTiming:
+    c, t, main, kids = cpu_seconds(), time.perf_counter(), time.thread_time(), children_seconds()
     result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
+    main, kids = time.thread_time() - main, children_seconds() - kids
     user, system = cpu_seconds() - c
-    return user + system, time.perf_counter() - t, result.built_views, system
+    return BuildTiming(cpu=user + system, system=system, wall=time.perf_counter() - t, views=result.built_views,
+                       main=main, threads=user + system - kids - main, workers=kids)
 
 
 def median_thread_time(fn, rounds: int = 3) -> float:
@@ -209,15 +237,18 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     # where a build takes ten, so it is sampled after each build, not once a round.
     cpu = {"float16": [], "int8": [], "buffered": []}
     kernel = {"float16": [], "int8": [], "buffered": []}
+    roles = {"float16": [], "int8": [], "buffered": []}
     floors = {"float16": [], "int8": []}
     for r in range(args.rounds):
         round_floors = []
         for kind in ("float16", "int8", "buffered"):  # buffered: fp16 through the page cache (--buffered-io)
             dtype = "float16" if kind == "buffered" else kind
-            c, wall, n, system = timed_build(config(f"{kind}_w2", dtype, 2, kind != "buffered"), encoder)
-            cpu[kind].append(1000 * c / n)
-            kernel[kind].append(1000 * system / n)
-            print(f"# round {r + 1} build {kind}, 2 workers: {n} views, CPU {c:.1f} s, wall {wall:.1f} s, {load_note()}")
+            b = timed_build(config(f"{kind}_w2", dtype, 2, kind != "buffered"), encoder)
+            cpu[kind].append(1000 * b.cpu / b.views)
+            kernel[kind].append(1000 * b.system / b.views)
+            roles[kind].append(b)
+            print(f"# round {r + 1} build {kind}, 2 workers: {b.views} views, CPU {b.cpu:.1f} s ({b.roles_ms()}), "
+                  f"wall {b.wall:.1f} s, {load_note()}")
             round_floors.append(floor_ms(pngs[0], item, feats, vpi))
         for dtype in ("float16", "int8"):
             floors[dtype] += [f["decode_per_view"] + f[dtype] for f in round_floors]
@@ -233,6 +264,11 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     cpu16, cpu8 = float(np.median(cpu["float16"])), float(np.median(cpu["int8"]))
     floor16, floor8 = float(np.median(floors["float16"])), float(np.median(floors["int8"]))
     line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers, median of {args.rounds}; int8 {cpu8:.1f} ms")
+    for dtype in ("float16", "int8"):
+        builds = roles[dtype]
+        median = {k: float(np.median([getattr(b, k) / b.views for b in builds])) for k in ("main", "threads", "workers")}
+        print(f"# {dtype} CPU by role, medians: main thread {1000 * median['main']:.1f}, writer threads "
+              f"{1000 * median['threads']:.1f}, decoding workers {1000 * median['workers']:.1f} ms/view")
     line("pipeline_kernel_ms_per_view", float(np.median(kernel["float16"])),
          f"of pipeline_core: system CPU (writes, shared memory, page faults); int8 "
          f"{float(np.median(kernel['int8'])):.1f} ms")
@@ -245,8 +281,8 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     line("pipeline_over_floor", cpu16 / floor16)
     line("pipeline_over_floor_int8", cpu8 / floor8)
     for name in ("fp16_w1", "fp16_w2"):
-        _, wall, n, _ = runs[name]
-        line(f"pipeline_views_per_s_w{name[-1]}", n / wall, f"{n} views in {wall:.1f} s wall")
+        b = runs[name]
+        line(f"pipeline_views_per_s_w{name[-1]}", b.views / b.wall, f"{b.views} views in {b.wall:.1f} s wall")
 
     # The writer alone: prepared shards (what the pipeline hands its writer) written by 1, 2 and N threads.
     src = FeatureStore.open(work / "float16_w2")
