@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
 from ssr_cache.build.config import CacheBuildConfig
-from ssr_cache.build.pipeline import build_cache, item_tensors
+from ssr_cache.build.pipeline import build_cache, item_tensors, open_build_dataset, plan_build
 from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.errors import SSRError
 from ssr_cache.sam_encoder import build_sam_encoder, pool_levels
@@ -229,3 +230,17 @@ def test_an_items_arrays_lie_in_one_block_each_aligned_and_apart(shared):
     for value, t in enumerate(out.values(), start=1):
         t.fill_(value)
     assert [int(t.min()) for t in out.values()] == [int(t.max()) for t in out.values()] == [1, 2, 3, 4]
+
+
+def test_planning_threads_change_nothing_and_a_ratio_of_one_still_counts_classes(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, tmp_path / "unused", views_per_image=3)
+    ds, labelled = open_build_dataset(cfg)
+    one = plan_build(cfg, ds, labelled, progress=False, threads=1)
+    three = plan_build(cfg, ds, labelled, progress=False, threads=3)
+    assert labelled and one.views.digest() == three.views.digest()
+    assert np.array_equal(one.image_class_counts, three.image_class_counts) and one.image_class_counts.min(initial=0) >= 0
+    assert (one.image_class_counts.sum(axis=1) > 0).all()
+    # cat_max_ratio >= 1 (or None) switches the crop rule off, not the full-resolution counts RCS samples by.
+    for ratio in (1.0, None):
+        ruleless = plan_build(dataclasses.replace(cfg, cat_max_ratio=ratio), ds, labelled, progress=False, threads=2)
+        assert np.array_equal(ruleless.image_class_counts, one.image_class_counts), ratio
