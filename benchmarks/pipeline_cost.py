@@ -13,6 +13,8 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
                              store's own codecs, measured in the same run: work no pipeline can avoid
   pipeline_over_floor(_int8) the ratio (goal <= 1.5)
   pipeline_views_per_s_wN    wall-clock views/s with N decoding workers
+  planning_ms_per_image_t1   wall time to plan one labelled image (header, label, counts, crop rule) on one
+                             thread; planning_speedup_t2 = 1 thread / 2 threads
   writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
                              (medians of --rounds rounds, thread counts alternating)
 
@@ -283,6 +285,20 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     for name in ("fp16_w1", "fp16_w2"):
         b = runs[name]
         line(f"pipeline_views_per_s_w{name[-1]}", b.views / b.wall, f"{b.views} views in {b.wall:.1f} s wall")
+
+    # Planning (image headers, and every label for cat_max_ratio and RCS) on 1 and 2 threads, alternating:
+    # the wall time before a build's first view reaches the encoder.
+    plan_walls = {1: [], 2: []}
+    for _ in range(args.rounds):
+        for t in plan_walls:
+            start = time.perf_counter()
+            plan_build(cfg, ds, labelled, progress=False, threads=t)
+            plan_walls[t].append(time.perf_counter() - start)
+    plan_t1, plan_t2 = (float(np.median(plan_walls[t])) for t in (1, 2))
+    line("planning_ms_per_image_t1", 1000 * plan_t1 / n_images, f"wall, {n_images} labelled GTA5-size images, "
+                                                                 f"median of {args.rounds}")
+    line("planning_speedup_t2", plan_t1 / plan_t2, "2 planning threads / 1 (the build uses this rank's share of "
+                                                   "the cores, at most 8)")
 
     # The writer alone: prepared shards (what the pipeline hands its writer) written by 1, 2 and N threads.
     src = FeatureStore.open(work / "float16_w2")

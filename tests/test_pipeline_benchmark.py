@@ -24,7 +24,8 @@ def test_pipeline_benchmark_prints_every_figure(tmp_path):
     for name in ("pipeline_core_ms_per_view", "pipeline_kernel_ms_per_view", "pipeline_core_ms_per_view_buffered",
                  "floor_core_ms_per_view",
                  "pipeline_over_floor", "pipeline_over_floor_int8", "pipeline_views_per_s_w1",
-                 "pipeline_views_per_s_w2", "writer_views_per_s_t1", "writer_views_per_s_t2", "writer_scaling"):
+                 "pipeline_views_per_s_w2", "writer_views_per_s_t1", "writer_views_per_s_t2", "writer_scaling",
+                 "planning_ms_per_image_t1", "planning_speedup_t2"):
         assert name in figures and math.isfinite(figures[name]) and figures[name] > 0, (name, done.stdout)
     ratio = figures["pipeline_core_ms_per_view"] / figures["floor_core_ms_per_view"]
     assert abs(ratio - figures["pipeline_over_floor"]) < 1e-2 * ratio
