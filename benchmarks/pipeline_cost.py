@@ -6,8 +6,8 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
 
   pipeline_core_ms_per_view  CPU time of every process and thread of the build (workers included) / views
   pipeline_kernel_ms_per_view  the system (kernel) part of it: writes, shared memory, page faults
-                             (and a comment line splits it by role: main thread, writer threads, decoding
-                             workers, so what lies above the floor can be told apart)
+                             (and a comment line splits it by role: main thread, other threads (planning,
+                             then the shard writers), decoding workers: what lies above the floor, by part)
   pipeline_core_ms_per_view_buffered  the same build with --buffered-io (shard files through the page cache)
   floor_core_ms_per_view     decoding one frame / K + compressing each of its K views' stored bytes with the
                              store's own codecs, measured in the same run: work no pipeline can avoid
@@ -110,8 +110,9 @@ def page_touch_note(mib: int = 256) -> str:
 @dataclass(frozen=True)
 class BuildTiming:
     """One build_cache call: CPU seconds in all (and of it in the kernel), wall seconds, views built, and
-    the CPU by role: the main thread (planning, batching, casting or quantising), the process's other
-    threads (the shard writers: compression and writes) and the decoding workers (child processes)."""
+    the CPU by role: the main thread (batching, casting or quantising), the process's other threads
+    (planning threads, then the shard writers: compression and writes) and the decoding workers (child
+    processes)."""
 
     cpu: float
     system: float
@@ -122,7 +123,7 @@ class BuildTiming:
     workers: float
 
     def roles_ms(self) -> str:
-        return (f"main {1000 * self.main / self.views:.1f}, writers {1000 * self.threads / self.views:.1f}, "
+        return (f"main {1000 * self.main / self.views:.1f}, other threads {1000 * self.threads / self.views:.1f}, "
                 f"workers {1000 * self.workers / self.views:.1f} ms/view")
 
 
@@ -269,7 +270,7 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     for dtype in ("float16", "int8"):
         builds = roles[dtype]
         median = {k: float(np.median([getattr(b, k) / b.views for b in builds])) for k in ("main", "threads", "workers")}
-        print(f"# {dtype} CPU by role, medians: main thread {1000 * median['main']:.1f}, writer threads "
+        print(f"# {dtype} CPU by role, medians: main thread {1000 * median['main']:.1f}, other threads "
               f"{1000 * median['threads']:.1f}, decoding workers {1000 * median['workers']:.1f} ms/view")
     line("pipeline_kernel_ms_per_view", float(np.median(kernel["float16"])),
          f"of pipeline_core: system CPU (writes, shared memory, page faults); int8 "

@@ -31,8 +31,9 @@ def test_pipeline_benchmark_prints_every_figure(tmp_path):
     assert abs(ratio - figures["pipeline_over_floor"]) < 1e-2 * ratio
     assert figures["pipeline_kernel_ms_per_view"] < figures["pipeline_core_ms_per_view"]
     assert "# goal pipeline_over_floor <= 1.5:" in done.stdout and "touching freed memory" in done.stdout
-    # The split by role (main thread, writer threads, decoding workers) adds up to the whole, each part > 0.
-    roles = re.search(r"^# float16 CPU by role, medians: main thread (\S+), writer threads (\S+), decoding workers "
+    # The split by role (main thread, other threads: planning and writers, decoding workers) adds up to the
+    # whole, each part > 0.
+    roles = re.search(r"^# float16 CPU by role, medians: main thread (\S+), other threads (\S+), decoding workers "
                       r"(\S+) ms/view", done.stdout, re.M)
     assert roles, done.stdout
     parts = [float(v) for v in roles.groups()]
