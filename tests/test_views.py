@@ -121,6 +121,16 @@ def test_cat_max_ratio_rule_follows_mmseg_statistics():
         assert np.array_equal(lab, small[y0:y1, x0:x1][:, ::-1] if half.row(i).flip else small[y0:y1, x0:x1])
 
 
+@pytest.mark.parametrize("ratio", [None, 1.0])
+def test_a_label_loader_is_called_for_every_sample_even_with_the_rule_off(ratio):
+    # What the loader gathers besides the label (the build's RCS class counts) must not depend on the rule.
+    label, calls = road_label(), []
+    cfg = ViewPlanConfig(resize=(200, 100), crop=(40, 40), views_per_image=3, seed=5, cat_max_ratio=ratio)
+    loaded = plan_views([(200, 100)] * 4, cfg, label_loader=lambda i: calls.append(i) or label, progress=False)
+    assert sorted(calls) == [0, 1, 2, 3]
+    assert loaded.digest() == plan_views([(200, 100)] * 4, cfg, progress=False).digest()  # the rule stays off
+
+
 def test_cat_max_ratio_keeps_last_try_when_impossible():
     label = np.zeros((64, 64), np.uint8)  # all road: no crop can pass
     cfg = ViewPlanConfig(resize=(64, 64), crop=(16, 16), views_per_image=4, seed=2)

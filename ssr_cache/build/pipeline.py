@@ -101,26 +101,20 @@ def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *
     n_images = len(ds) if cfg.max_images is None else min(cfg.max_images, len(ds))
     with ThreadPoolExecutor(max(1, threads)) as pool:
         sizes = list(pool.map(lambda i: image_size(ds.items[i].image), range(n_images)))
-        if not labelled:
-            return BuildPlan(plan_views(sizes, plan_config(cfg, ds, labelled), progress=progress, workers=threads),
-                             None, 0)
-        space = ds.label_space
-        counts = np.zeros((n_images, space.num_classes), np.int64)
-        unlisted = np.zeros(n_images, np.int64)
+    config = plan_config(cfg, ds, labelled)
+    if not labelled:
+        return BuildPlan(plan_views(sizes, config, progress=progress, workers=threads), None, 0)
+    space = ds.label_space
+    counts = np.zeros((n_images, space.num_classes), np.int64)
+    unlisted = np.zeros(n_images, np.int64)
 
-        def count_label(i: int) -> np.ndarray:
-            label, unlisted[i] = ds.read_label(i, image_wh=sizes[i])
-            counts[i] = space.count(label)
-            return label
+    def count_label(i: int) -> np.ndarray:
+        label, unlisted[i] = ds.read_label(i, image_wh=sizes[i])
+        counts[i] = space.count(label)
+        return label
 
-        config = plan_config(cfg, ds, labelled)
-        if config.cat_max_ratio is None or config.cat_max_ratio >= 1:  # no crop rule: planning reads no label
-            for _ in pool.map(count_label, range(n_images)):
-                pass
-            loader = None
-        else:
-            loader = count_label
-    table = plan_views(sizes, config, label_loader=loader, progress=progress, workers=threads)
+    # plan_views reads every label through count_label, whether or not the cat_max_ratio rule is on.
+    table = plan_views(sizes, config, label_loader=count_label, progress=progress, workers=threads)
     return BuildPlan(table, counts, int(unlisted.sum()))
 
 

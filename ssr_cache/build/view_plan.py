@@ -146,14 +146,14 @@ def plan_views(image_sizes: Sequence[tuple[int, int]], config: ViewPlanConfig,
                workers: int = 1) -> ViewTable:
     """K views per image, ordered by sample then view index. image_sizes: (W, H) per sample.
 
-    label_loader(i), when given and the cat_max_ratio rule is on, returns sample i's trainId map (uint8,
-    original size). Labels are loaded in `workers` threads; the table does not depend on it.
+    label_loader(i), when given, is called once for every sample (whether or not the cat_max_ratio rule is
+    on, so whatever else it gathers, such as class counts, is complete) and returns sample i's trainId map
+    (uint8, original size). Labels are loaded in `workers` threads; the table does not depend on it.
     """
     _check_crop_fits(image_sizes, config)
-    use_labels = label_loader is not None and config.cat_max_ratio is not None and config.cat_max_ratio < 1
 
     def plan_one(i: int) -> list[View]:
-        label = label_loader(i) if use_labels else None
+        label = None if label_loader is None else label_loader(i)
         return plan_sample(i, tuple(image_sizes[i]), config, label)
 
     rows: list[View] = []
