@@ -78,15 +78,11 @@ class StandInEncoder:
         return {f"l{g}": self._batches[n][f"l{g}"] for g in levels}
 
 
-def cpu_seconds() -> np.ndarray:
-    """[user, system] CPU of this process (all threads) and of its exited, waited-for children."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return np.array([own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime])
-
-
-def children_seconds() -> float:
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return kids.ru_utime + kids.ru_stime
+def rusage_seconds(who: int) -> np.ndarray:
+    """[user, system] CPU seconds of RUSAGE_SELF (this process, all threads) or RUSAGE_CHILDREN (its exited,
+    waited-for children: the decoding workers)."""
+    usage = resource.getrusage(who)
+    return np.array([usage.ru_utime, usage.ru_stime])
 
 
 def load_note() -> str:
@@ -119,21 +115,30 @@ class BuildTiming:
     wall: float
     views: int
     main: float
-    threads: float
     workers: float
 
+    @property
+    def threads(self) -> float:
+        return self.cpu - self.workers - self.main
+
+    def ms_per_view(self, part: str) -> float:
+        """CPU ms per view of `part`: "cpu", "system", "main", "threads" or "workers"."""
+        return 1000 * getattr(self, part) / self.views
+
     def roles_ms(self) -> str:
-        return (f"main {1000 * self.main / self.views:.1f}, other threads {1000 * self.threads / self.views:.1f}, "
-                f"workers {1000 * self.workers / self.views:.1f} ms/view")
+        return (f"main {self.ms_per_view('main'):.1f}, other threads {self.ms_per_view('threads'):.1f}, "
+                f"workers {self.ms_per_view('workers'):.1f} ms/view")
 
 
 def timed_build(cfg: CacheBuildConfig, encoder) -> BuildTiming:
-    c, t, main, kids = cpu_seconds(), time.perf_counter(), time.thread_time(), children_seconds()
+    own, kids = rusage_seconds(resource.RUSAGE_SELF), rusage_seconds(resource.RUSAGE_CHILDREN)
+    t, main = time.perf_counter(), time.thread_time()
     result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
-    main, kids = time.thread_time() - main, children_seconds() - kids
-    user, system = cpu_seconds() - c
-    return BuildTiming(cpu=user + system, system=system, wall=time.perf_counter() - t, views=result.built_views,
-                       main=main, threads=user + system - kids - main, workers=kids)
+    wall, main = time.perf_counter() - t, time.thread_time() - main
+    own, kids = rusage_seconds(resource.RUSAGE_SELF) - own, rusage_seconds(resource.RUSAGE_CHILDREN) - kids
+    user, system = own + kids
+    return BuildTiming(cpu=user + system, system=system, wall=wall, views=result.built_views, main=main,
+                       workers=float(kids.sum()))
 
 
 def median_thread_time(fn, rounds: int = 3) -> float:
@@ -238,18 +243,18 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
     # is the median of its samples: this machine's speed drifts by +-25 % within minutes (other tenants), and
     # a ratio of two figures taken minutes apart would mostly measure that drift. The floor takes a second
     # where a build takes ten, so it is sampled after each build, not once a round.
-    cpu = {"float16": [], "int8": [], "buffered": []}
-    kernel = {"float16": [], "int8": [], "buffered": []}
-    roles = {"float16": [], "int8": [], "buffered": []}
+    builds: dict[str, list[BuildTiming]] = {"float16": [], "int8": [], "buffered": []}
+
+    def median_ms(kind: str, part: str = "cpu") -> float:
+        return float(np.median([b.ms_per_view(part) for b in builds[kind]]))
+
     floors = {"float16": [], "int8": []}
     for r in range(args.rounds):
         round_floors = []
         for kind in ("float16", "int8", "buffered"):  # buffered: fp16 through the page cache (--buffered-io)
             dtype = "float16" if kind == "buffered" else kind
             b = timed_build(config(f"{kind}_w2", dtype, 2, kind != "buffered"), encoder)
-            cpu[kind].append(1000 * b.cpu / b.views)
-            kernel[kind].append(1000 * b.system / b.views)
-            roles[kind].append(b)
+            builds[kind].append(b)
             print(f"# round {r + 1} build {kind}, 2 workers: {b.views} views, CPU {b.cpu:.1f} s ({b.roles_ms()}), "
                   f"wall {b.wall:.1f} s, {load_note()}")
             round_floors.append(floor_ms(pngs[0], item, feats, vpi))
@@ -260,22 +265,20 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
 
         print(f"# round {r + 1} floor after each build: decode {each('decode_per_view')} ms/view, compress fp16 "
               f"{each('float16')}, int8 {each('int8')} ms/view; round ratios "
-              f"{cpu['float16'][-1] / np.median(floors['float16'][-3:]):.2f} / "
-              f"{cpu['int8'][-1] / np.median(floors['int8'][-3:]):.2f}")
+              f"{builds['float16'][-1].ms_per_view('cpu') / np.median(floors['float16'][-3:]):.2f} / "
+              f"{builds['int8'][-1].ms_per_view('cpu') / np.median(floors['int8'][-3:]):.2f}")
     runs = {"fp16_w1": timed_build(config("fp16_w1", "float16", 1), encoder),
             "fp16_w2": timed_build(config("float16_w2", "float16", 2), encoder)}
-    cpu16, cpu8 = float(np.median(cpu["float16"])), float(np.median(cpu["int8"]))
+    cpu16, cpu8 = median_ms("float16"), median_ms("int8")
     floor16, floor8 = float(np.median(floors["float16"])), float(np.median(floors["int8"]))
     line("pipeline_core_ms_per_view", cpu16, f"fp16, 2 workers, median of {args.rounds}; int8 {cpu8:.1f} ms")
     for dtype in ("float16", "int8"):
-        builds = roles[dtype]
-        median = {k: float(np.median([getattr(b, k) / b.views for b in builds])) for k in ("main", "threads", "workers")}
-        print(f"# {dtype} CPU by role, medians: main thread {1000 * median['main']:.1f}, other threads "
-              f"{1000 * median['threads']:.1f}, decoding workers {1000 * median['workers']:.1f} ms/view")
-    line("pipeline_kernel_ms_per_view", float(np.median(kernel["float16"])),
+        print(f"# {dtype} CPU by role, medians: main thread {median_ms(dtype, 'main'):.1f}, other threads "
+              f"{median_ms(dtype, 'threads'):.1f}, decoding workers {median_ms(dtype, 'workers'):.1f} ms/view")
+    line("pipeline_kernel_ms_per_view", median_ms("float16", "system"),
          f"of pipeline_core: system CPU (writes, shared memory, page faults); int8 "
-         f"{float(np.median(kernel['int8'])):.1f} ms")
-    buffered, buffered_kernel = float(np.median(cpu["buffered"])), float(np.median(kernel["buffered"]))
+         f"{median_ms('int8', 'system'):.1f} ms")
+    buffered, buffered_kernel = median_ms("buffered"), median_ms("buffered", "system")
     line("pipeline_core_ms_per_view_buffered", buffered,
          f"fp16 written through the page cache (--buffered-io), of it kernel {buffered_kernel:.1f} ms; "
          f"buffered / direct {buffered / cpu16:.2f}")
