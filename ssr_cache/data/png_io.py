@@ -7,6 +7,7 @@ PNG images (faster than PIL).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import get_worker_info
 
 from ssr_cache.atomic_file import write_atomic
 from ssr_cache.data.opencv import cv2
+from ssr_cache.data.png_unfiltered import decode_unfiltered_label
 from ssr_cache.errors import SSRError
 
 # What PIL raises for missing, non-image, truncated or corrupt files ("broken PNG file" is a SyntaxError).
@@ -107,9 +109,14 @@ def _imdecode_capturing_libpng(data: np.ndarray) -> tuple[np.ndarray | None, str
 
 def read_label_ids(path: str | os.PathLike) -> np.ndarray:
     """The raw values of a label PNG as uint8 (H, W), read-only: palette indices (GTA5) or greyscale values
-    (Cityscapes). Read-only because it is a view of Pillow's decoded bytes: np.array would copy them once
-    more (0.8 ms for a GTA5 label), and every caller maps the raw values to a new array or copies them."""
+    (Cityscapes). Unfiltered 8-bit files (every GTA5 label) take libdeflate's fast path, any other the full
+    decoder. Read-only because it is a view of Pillow's decoded bytes: np.array would copy them once more
+    (0.8 ms for a GTA5 label), and every caller maps the raw values to a new array or copies them."""
     path = Path(path)
+    with contextlib.suppress(OSError):  # a missing or unreadable file is worded by the full decoder below
+        ids = decode_unfiltered_label(path.read_bytes())
+        if ids is not None:
+            return ids
     with _open_png(path) as image:
         if image.mode not in _LABEL_MODES:
             hint = ", not a colour rendering" if image.mode in ("RGB", "RGBA") else ""
