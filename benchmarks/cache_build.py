@@ -64,14 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=96, help="--pipeline: GTA5-size frames to build (x K views)")
     p.add_argument("--views-per-shard", type=int, default=64, help="--pipeline: the build's shard size")
     p.add_argument("--rounds", type=int, default=3, help="--pipeline: alternating build/floor rounds (medians)")
+    p.add_argument("--writer-rounds", type=int, default=7,
+                   help="--pipeline: alternating 1/2-thread writer rounds (medians; a round takes ~3 s)")
     p.add_argument("--writer-views", type=int, default=64, help="--pipeline: views the writer benchmark writes")
     p.add_argument("--writer-views-per-shard", type=int, default=16, help="--pipeline: shard size of that writer")
     p.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one, deleted)")
     args = p.parse_args(argv)
     args.views = args.views or (2 if args.quick else 8)
     args.read_rounds = args.read_rounds or (5 if args.quick else 20)
-    if args.views < 1 or args.views_per_image < 1 or args.batch_size < 1 or args.read_rounds < 1:
-        p.error("--views, --views-per-image, --batch-size and --read-rounds must be at least 1")
+    if min(args.views, args.views_per_image, args.batch_size, args.read_rounds, args.rounds, args.writer_rounds) < 1:
+        p.error("--views, --views-per-image, --batch-size, --read-rounds, --rounds and --writer-rounds must be "
+                "at least 1")
     return args
 
 

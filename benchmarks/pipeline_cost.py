@@ -16,7 +16,7 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
   planning_ms_per_image_t1   wall time to plan one labelled image (header, label, counts, crop rule) on one
                              thread; planning_speedup_t2 = 1 thread / 2 threads
   writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
-                             (medians of --rounds rounds, thread counts alternating)
+                             (medians of --writer-rounds rounds, thread counts alternating)
 
 CPU times are per-process rusage (workers counted once they exit). Builds and floor measurements alternate
 for --rounds rounds and each figure is the median of its rounds, since this VM's speed drifts within
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -37,13 +38,15 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import torch
-from bench_data import CROP, RESIZE, smooth_feature_set, write_gta5_like
+from bench_data import CROP, GTA5_SIZE, RESIZE, smooth_feature_set, write_gta5_like
 from bench_output import line
+from PIL import Image
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
 from ssr_cache.build.pipeline import ViewCropDataset, build_cache, open_build_dataset, plan_build
-from ssr_cache.data.png_io import read_rgb
+from ssr_cache.data.png_io import read_label_ids, read_rgb
+from ssr_cache.data.png_unfiltered import decode_unfiltered_label
 from ssr_cache.sam_encoder import get_encoder_config
 from ssr_cache.store.feature_codec import feature_compressors, lossless_compressors, quantize_int8
 from ssr_cache.store.feature_store import FeatureStore, StoreLayout
@@ -131,6 +134,9 @@ class BuildTiming:
 
 
 def timed_build(cfg: CacheBuildConfig, encoder) -> BuildTiming:
+    # Into a fresh folder, as a first build runs: deleting the previous round's store (--overwrite: 0.3 ms
+    # per view of unlinks, measured) is not part of building views.
+    shutil.rmtree(cfg.out, ignore_errors=True)
     own, kids = rusage_seconds(resource.RUSAGE_SELF), rusage_seconds(resource.RUSAGE_CHILDREN)
     t, main = time.perf_counter(), time.thread_time()
     result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
@@ -174,6 +180,27 @@ def compress_all(arrays: list[tuple[np.ndarray, object]]) -> None:
     for arr, codec in arrays:
         data = codec.encode(np.ascontiguousarray(arr))
         google_crc32c.value(bytes(data))
+
+
+def pillow_label_ids(path: Path) -> np.ndarray:
+    """A label's raw values by Pillow's full decode (zlib inflate, then its unfilter), as the build read every
+    label before the libdeflate path for unfiltered files: the other side of label_read_speedup."""
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(image)
+
+
+def label_read_ms(path: Path, rounds: int = 15, reads: int = 10) -> tuple[float, float]:
+    """CPU ms of one read of a label: (read_label_ids, as the build reads it; Pillow's full decode), medians
+    of alternating rounds of `reads` reads each."""
+    ms = {read_label_ids: [], pillow_label_ids: []}
+    for _ in range(rounds):
+        for read, samples in ms.items():
+            t = time.thread_time()
+            for _ in range(reads):
+                read(path)
+            samples.append(1000 * (time.thread_time() - t) / reads)
+    return float(np.median(ms[read_label_ids])), float(np.median(ms[pillow_label_ids]))
 
 
 def floor_ms(png: Path, item: dict, features: dict[str, np.ndarray], vpi: int) -> dict[str, float]:
@@ -303,6 +330,13 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
                                                                  f"median of {args.rounds}")
     line("planning_speedup_t2", plan_t1 / plan_t2, "2 planning threads / 1 (the build uses this rank's share of "
                                                    "the cores, at most 8)")
+    # Planning and then the decoding workers each read every source label once.
+    label_path = ds.items[0].label
+    fast, pillow = label_read_ms(label_path)
+    unfiltered = decode_unfiltered_label(label_path.read_bytes()) is not None
+    line("label_read_ms", fast, f"CPU, one {GTA5_SIZE[0]}x{GTA5_SIZE[1]} palette label, read_label_ids "
+                                f"({'libdeflate path' if unfiltered else 'Pillow path: the file is filtered'})")
+    line("label_read_speedup", pillow / fast, f"Pillow's full decode ({pillow:.2f} ms) / read_label_ids")
 
     # The writer alone: prepared shards (what the pipeline hands its writer) written by 1, 2 and N threads.
     src = FeatureStore.open(work / "float16_w2")
@@ -317,13 +351,13 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> None:
                        "features": {k: np.repeat(v.numpy(), b - a, axis=0) for k, v in encoder.features.items()}})
     threads = sorted({1, 2, max(2, os.cpu_count() or 2)})
     samples = {t: [] for t in threads}
-    for _ in range(args.rounds):  # alternating thread counts, medians: as for the builds above
+    for _ in range(args.writer_rounds):  # alternating thread counts, medians: as for the builds above
         for t in threads:
             samples[t].append(writer_rate(work / f"writer_t{t}", src, layout, shards, t))
     rates = {t: float(np.median(v)) for t, v in samples.items()}
     for t, rate in rates.items():
         line(f"writer_views_per_s_t{t}", rate, f"{n_shards} shards of {vps} views, fp16, median of "
-                                               f"{args.rounds}, {load_note()}")
+                                               f"{args.writer_rounds}, {load_note()}")
     scalings = ", ".join(f"{b / a:.2f}" for a, b in zip(samples[1], samples[2], strict=True))
     line("writer_scaling", rates[2] / rates[1], f"2 writer threads / 1 (per round: {scalings})")
 
