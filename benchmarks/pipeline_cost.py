@@ -15,6 +15,8 @@ second measured is the pipeline's own: decoding, cropping, batching, casting, co
   pipeline_views_per_s_wN    wall-clock views/s with N decoding workers
   planning_ms_per_image_t1   wall time to plan one labelled image (header, label, counts, crop rule) on one
                              thread; planning_speedup_t2 = 1 thread / 2 threads
+  label_read_ms              CPU ms of one read of a GTA5-size palette label as the build reads it (libdeflate
+                             for unfiltered files); label_read_speedup = Pillow's full decode / that
   writer_views_per_s_tN      shards written per second (as views) by N writer threads; writer_scaling = t2 / t1
                              (medians of --writer-rounds rounds, thread counts alternating)
 
