@@ -62,8 +62,12 @@ def test_palette_label_as_the_datasets_write_it_takes_the_fast_path(tmp_path):
     assert fast is not None
     np.testing.assert_array_equal(fast, ids)
     np.testing.assert_array_equal(fast, _pillow_values(data))
-    assert fast.dtype == np.uint8 and fast.flags.c_contiguous and not fast.flags.writeable
+    assert fast.dtype == np.uint8 and fast.shape == ids.shape and not fast.flags.writeable
     np.testing.assert_array_equal(read_label_ids(tmp_path / "l.png"), ids)
+    # What the readers do with it: a table lookup, by cv2.LUT on the strided rows or by numpy indexing.
+    table = np.arange(256, dtype=np.uint8)[::-1].copy()
+    np.testing.assert_array_equal(cv2.LUT(fast, table), table[ids])
+    np.testing.assert_array_equal(table[fast], table[ids])
 
 
 def test_unfiltered_greyscale_and_multi_idat_take_the_fast_path():
@@ -153,7 +157,72 @@ def test_damaged_labels_decline_to_the_full_decoder(tmp_path, damage):
         np.testing.assert_array_equal(read_label_ids(tmp_path / "l.png"), ids)
 
 
-def test_oversized_header_declines_without_allocating():
-    header = struct.pack(">IIBBBBB", 200_000, 200_000, 8, 3, 0, 0, 0)
-    data = _png([(b"IHDR", header), (b"IDAT", zlib.compress(b"\0" * 16)), (b"IEND", b"")])
+def test_pillow_size_limit_is_followed_and_may_be_off(tmp_path, monkeypatch):
+    ids = _blocky_ids(seed=6)
+    write_png_atomic(tmp_path / "l.png", ids, palette=ID_PALETTE)
+    data = (tmp_path / "l.png").read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", ids.size - 1)  # a bomb by Pillow's rule: Pillow decides
     assert decode_unfiltered_label(data) is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's documented "no limit"
+    np.testing.assert_array_equal(decode_unfiltered_label(data), ids)
+
+
+def _palette_chunks(seed: int = 7) -> tuple[np.ndarray, list[tuple[bytes, bytes]]]:
+    ids = _blocky_ids(seed=seed)
+    data = io.BytesIO()
+    image = Image.fromarray(ids)
+    image.putpalette(ID_PALETTE.ravel().tolist())
+    image.save(data, format="PNG")
+    return ids, _chunks(data.getvalue())
+
+
+def test_benign_chunks_keep_the_fast_path():
+    ids, chunks = _palette_chunks()
+    at = next(i for i, c in enumerate(chunks) if c[0] == b"IDAT")
+    extra = [(b"pHYs", struct.pack(">IIB", 2835, 2835, 1)), (b"tEXt", b"Software\0test")]
+    data = _png(chunks[:at] + extra + chunks[at:-1] + [(b"tEXt", b"Comment\0after")] + chunks[-1:])
+    np.testing.assert_array_equal(_pillow_values(data), ids)
+    np.testing.assert_array_equal(decode_unfiltered_label(data), ids)
+
+
+# Files the fast path must leave to Pillow: each is malformed or unusual in a way that Pillow reads differently
+# (a second IHDR wins there; IDAT split by another chunk is truncated there) or refuses.
+def _second_ihdr(chunks):
+    ihdr = chunks[0][1]
+    return chunks[:1] + [(b"IHDR", struct.pack(">II", 1, 2) + ihdr[8:])] + chunks[1:]
+
+
+def _split_idat(chunks):
+    at = next(i for i, c in enumerate(chunks) if c[0] == b"IDAT")
+    payload = chunks[at][1]
+    return chunks[:at] + [(b"IDAT", payload[:10]), (b"tEXt", b"a\0b"), (b"IDAT", payload[10:])] + chunks[at + 1:]
+
+
+ODD_FILES = {
+    "second IHDR": _second_ihdr,
+    "IDAT split by another chunk": _split_idat,
+    "IHDR of 12 bytes": lambda c: [(b"IHDR", c[0][1][:12])] + c[1:],
+    "unknown chunk": lambda c: c[:1] + [(b"zzZz", b"x")] + c[1:],
+    "chunk type not letters": lambda c: c[:1] + [(b"a1@!", b"x")] + c[1:],
+    "palette of 300 entries": lambda c: [c[0], (b"PLTE", bytes(900))] + [x for x in c[1:] if x[0] != b"PLTE"],
+}
+
+
+@pytest.mark.parametrize("odd", ODD_FILES)
+def test_odd_files_decline_to_pillow(odd, tmp_path):
+    _, chunks = _palette_chunks()
+    data = _png(ODD_FILES[odd](chunks))
+    assert decode_unfiltered_label(data) is None
+    (tmp_path / "l.png").write_bytes(data)
+    try:
+        values = read_label_ids(tmp_path / "l.png")
+    except SSRError as exc:  # Pillow refuses it: one line naming the file
+        assert "l.png" in str(exc) and "\n" not in str(exc)
+    else:  # Pillow reads it: what read_label_ids returns is Pillow's reading
+        np.testing.assert_array_equal(values, _pillow_values(data))
+
+
+def test_a_label_that_is_not_a_png_is_one_line(tmp_path):  # only its first 8 bytes are read here
+    (tmp_path / "l.png").write_bytes(b"GIF89a" + bytes(1 << 20))
+    with pytest.raises(SSRError, match=r"l\.png"):
+        read_label_ids(tmp_path / "l.png")

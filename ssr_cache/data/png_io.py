@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 
 from ssr_cache.atomic_file import write_atomic
 from ssr_cache.data.opencv import cv2
-from ssr_cache.data.png_unfiltered import decode_unfiltered_label
+from ssr_cache.data.png_unfiltered import PNG_SIGNATURE, decode_unfiltered_label
 from ssr_cache.errors import SSRError
 
 # What PIL raises for missing, non-image, truncated or corrupt files ("broken PNG file" is a SyntaxError).
@@ -113,8 +113,9 @@ def read_label_ids(path: str | os.PathLike) -> np.ndarray:
     decoder. Read-only because it is a view of Pillow's decoded bytes: np.array would copy them once more
     (0.8 ms for a GTA5 label), and every caller maps the raw values to a new array or copies them."""
     path = Path(path)
-    with contextlib.suppress(OSError):  # a missing or unreadable file is worded by the full decoder below
-        ids = decode_unfiltered_label(path.read_bytes())
+    with contextlib.suppress(OSError), open(path, "rb") as handle:  # unreadable: worded by Pillow below
+        head = handle.read(len(PNG_SIGNATURE))
+        ids = decode_unfiltered_label(head + handle.read()) if head == PNG_SIGNATURE else None
         if ids is not None:
             return ids
     with _open_png(path) as image:
