@@ -222,6 +222,19 @@ def test_odd_files_decline_to_pillow(odd, tmp_path):
         np.testing.assert_array_equal(values, _pillow_values(data))
 
 
+def test_a_header_with_a_wrong_checksum_declines(tmp_path):
+    # Colour type 3 -> 0 with the old CRC: read as greyscale the values would be the same, only the CRC tells.
+    _, chunks = _palette_chunks()
+    data = bytearray(_png(chunks))
+    assert data[25] == 3  # IHDR colour type
+    data[25] = 0
+    assert decode_unfiltered_label(bytes(data)) is None
+    (tmp_path / "l.png").write_bytes(data)
+    with pytest.raises(SSRError, match=r"l\.png: not a readable image") as info:  # Pillow checks it too
+        read_label_ids(tmp_path / "l.png")
+    assert "\n" not in str(info.value)
+
+
 def test_a_label_that_is_not_a_png_is_one_line(tmp_path):  # only its first 8 bytes are read here
     (tmp_path / "l.png").write_bytes(b"GIF89a" + bytes(1 << 20))
     with pytest.raises(SSRError, match=r"l\.png"):

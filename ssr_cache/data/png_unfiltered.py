@@ -34,6 +34,8 @@ def decode_unfiltered_label(data: bytes) -> np.ndarray | None:
     whose rows are all unfiltered; None for any other file. The chunk CRCs and zlib's Adler-32 are checked."""
     if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[8:16] != b"\x00\x00\x00\x0dIHDR":
         return None
+    if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):
+        return None  # a damaged header (the later chunks are checked by _idat_parts)
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
     if depth != 8 or colour not in (_GREY, _PALETTE) or compression or filtering or interlace:
         return None
