@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from bench_data import CROP, GTA5_SIZE, RESIZE, smooth_feature_set, write_gta5_like
 from bench_output import line
-from PIL import Image
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
 from ssr_cache.build.pipeline import ViewCropDataset, build_cache, open_build_dataset, plan_build
-from ssr_cache.data.png_io import read_label_ids, read_rgb
+from ssr_cache.data.png_io import read_label_ids, read_label_ids_with_pillow, read_rgb
 from ssr_cache.data.png_unfiltered import decode_unfiltered_label
 from ssr_cache.sam_encoder import get_encoder_config
 from ssr_cache.store.feature_codec import feature_compressors, lossless_compressors, quantize_int8
@@ -184,25 +183,17 @@ def compress_all(arrays: list[tuple[np.ndarray, object]]) -> None:
         google_crc32c.value(bytes(data))
 
 
-def pillow_label_ids(path: Path) -> np.ndarray:
-    """A label's raw values by Pillow's full decode (zlib inflate, then its unfilter), as the build read every
-    label before the libdeflate path for unfiltered files: the other side of label_read_speedup."""
-    with Image.open(path) as image:
-        image.load()
-        return np.asarray(image)
-
-
 def label_read_ms(path: Path, rounds: int = 15, reads: int = 10) -> tuple[float, float]:
     """CPU ms of one read of a label: (read_label_ids, as the build reads it; Pillow's full decode), medians
     of alternating rounds of `reads` reads each."""
-    ms = {read_label_ids: [], pillow_label_ids: []}
+    ms = {read_label_ids: [], read_label_ids_with_pillow: []}
     for _ in range(rounds):
         for read, samples in ms.items():
             t = time.thread_time()
             for _ in range(reads):
                 read(path)
             samples.append(1000 * (time.thread_time() - t) / reads)
-    return float(np.median(ms[read_label_ids])), float(np.median(ms[pillow_label_ids]))
+    return float(np.median(ms[read_label_ids])), float(np.median(ms[read_label_ids_with_pillow]))
 
 
 def floor_ms(png: Path, item: dict, features: dict[str, np.ndarray], vpi: int) -> dict[str, float]:

@@ -110,14 +110,20 @@ def _imdecode_capturing_libpng(data: np.ndarray) -> tuple[np.ndarray | None, str
 def read_label_ids(path: str | os.PathLike) -> np.ndarray:
     """The raw values of a label PNG as uint8 (H, W), read-only: palette indices (GTA5) or greyscale values
     (Cityscapes). Unfiltered 8-bit files (every GTA5 label) take libdeflate's fast path, any other the full
-    decoder. Read-only because it is a view of Pillow's decoded bytes: np.array would copy them once more
-    (0.8 ms for a GTA5 label), and every caller maps the raw values to a new array or copies them."""
+    decoder. Read-only because it is a view of the decoded bytes (libdeflate's or Pillow's): a copy would cost
+    0.8 ms for a GTA5 label, and every caller maps the raw values to a new array or copies them."""
     path = Path(path)
     with contextlib.suppress(OSError), open(path, "rb") as handle:  # unreadable: worded by Pillow below
         head = handle.read(len(PNG_SIGNATURE))
         ids = decode_unfiltered_label(head + handle.read()) if head == PNG_SIGNATURE else None
         if ids is not None:
             return ids
+    return read_label_ids_with_pillow(path)
+
+
+def read_label_ids_with_pillow(path: str | os.PathLike) -> np.ndarray:
+    """`read_label_ids` by Pillow's full decode, for any label PNG (and the benchmark's side of the fast path)."""
+    path = Path(path)
     with _open_png(path) as image:
         if image.mode not in _LABEL_MODES:
             hint = ", not a colour rendering" if image.mode in ("RGB", "RGBA") else ""
