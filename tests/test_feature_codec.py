@@ -9,8 +9,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ssr_cache.errors import SSRError
 from ssr_cache.store.feature_codec import (
+    check_encoded_features,
     dequantize_int8,
     encode_features,
+    encode_features_unchecked,
     feature_compressors,
     lossless_compressors,
     quantize_int8,
@@ -107,6 +109,24 @@ def test_encode_features_refuses_nonfinite_int8_input(bad):
     x[1, 3, 2, 2] = bad
     with pytest.raises(SSRError, match="views 4-5 contain NaN/Inf"):
         encode_features("l8", torch.from_numpy(x), "int8", "views 4-5")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_the_unchecked_encoding_is_encode_features_with_its_check_left_for_the_host(dtype):
+    """The build checks a batch's features once they reach the host (no wait on the GPU): same stored
+    arrays, and the check refuses what encode_features refuses, naming the views."""
+    x = torch.from_numpy(np.random.default_rng(7).normal(size=(2, 4, 5, 5)).astype(np.float32))
+    stored, check = encode_features_unchecked("l8", x, dtype)
+    want = encode_features("l8", x, dtype, "views 0-1")
+    assert stored.keys() == want.keys() and all(torch.equal(stored[k], want[k]) for k in want)
+    assert check.dtype == torch.float32 and check.numel() == (1 if dtype == "int8" else 2)
+    check_encoded_features("l8", check.numpy(), dtype, "views 0-1")  # good features pass
+    bad = x.clone()
+    bad[1, 3, 2, 2] = 7e4 if dtype == "float16" else np.inf
+    _, check = encode_features_unchecked("l8", bad, dtype)
+    message = "overflow float16" if dtype == "float16" else "contain NaN/Inf"
+    with pytest.raises(SSRError, match=f"l8 of views 6-7 {message}"):
+        check_encoded_features("l8", check.numpy(), dtype, "views 6-7")
 
 
 def test_compressor_choices():

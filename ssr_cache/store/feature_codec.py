@@ -59,10 +59,13 @@ def quantize_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     q.mul_(inv[:, :, None, None])
     # With finite parameters every q is finite (0 <= x - lo <= hi - lo), so the NaN/Inf pass over the whole
     # tensor is needed only when they are not: the same bytes, one pass fewer in the usual case.
-    params = torch.stack([lo, hi, scale, inv])
-    if not bool(torch.isfinite(params).all()):
+    if q.device.type != "cpu":
+        # On a GPU the pass costs less than the host waiting for the check (the build queues the next batch
+        # meanwhile); with finite parameters it changes nothing.
+        q.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    elif not bool(torch.isfinite(torch.stack([lo, hi, scale, inv])).all()):
         q = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
-    elif q.device.type == "cpu" and q.numel():
+    elif q.numel():
         return _round_to_codes_cpu(q), scale, lo
     codes = q.round_().clamp_(0, INT8_LEVELS)
     return codes.to(torch.uint8), scale, lo
@@ -82,27 +85,44 @@ def encode_features(name: str, x: torch.Tensor, dtype: str, where: str) -> dict[
 
     NaN/Inf (and, for float16, values beyond its range) are refused with one line naming `where` (views).
     """
+    stored, check = encode_features_unchecked(name, x, dtype)
+    check_encoded_features(name, check.cpu().numpy(), dtype, where)
+    return stored
+
+
+def encode_features_unchecked(name: str, x: torch.Tensor, dtype: str
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`encode_features` without waiting for the device: (stored arrays, check), where check is a small
+    float32 tensor on x's device for `check_encoded_features` to judge once it is on the host. The build
+    copies both to the host together, so a GPU never idles while a batch is checked."""
     if dtype == "int8":
         codes, scale, offset = quantize_int8_torch(x)
         # Non-finite input shows in the per-channel parameters (NaN and ±Inf propagate into min/max): no pass
         # over the features of its own.
-        if not bool(torch.isfinite(torch.stack([scale, offset])).all()):
-            raise SSRError(f"SAM features {name} of {where} contain NaN/Inf (or a channel's range exceeds "
-                           "float32); not caching them")
-        return {name: codes, f"{name}_scale": scale, f"{name}_offset": offset}
+        check = torch.isfinite(torch.stack([scale, offset])).all().float().reshape(1)
+        return {name: codes, f"{name}_scale": scale, f"{name}_offset": offset}, check
     if dtype != "float16":
         raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
-    # One fused min/max pass and one sync; both propagate NaN. (abs().amax() would materialise a copy.)
-    lo, hi = torch.aminmax(x.detach()) if x.numel() else (torch.zeros(()), torch.zeros(()))
-    peak = max(-float(lo), float(hi))
-    if np.isnan(float(lo)) or np.isnan(float(hi)):
-        peak = float("nan")
-    if not np.isfinite(peak):
+    # One fused min/max pass; both propagate NaN. (abs().amax() would materialise a copy.)
+    x = x.detach()
+    check = torch.stack(torch.aminmax(x)).float() if x.numel() else torch.zeros(2, device=x.device)
+    return {name: x.to(torch.float16)}, check
+
+
+def check_encoded_features(name: str, check: np.ndarray, dtype: str, where: str) -> None:
+    """Refuse, with one line naming `where`, the features whose `encode_features_unchecked` check is bad."""
+    if dtype == "int8":
+        if check[0] != 1:
+            raise SSRError(f"SAM features {name} of {where} contain NaN/Inf (or a channel's range exceeds "
+                           "float32); not caching them")
+        return
+    lo, hi = float(check[0]), float(check[1])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise SSRError(f"SAM features {name} of {where} contain NaN/Inf; not caching them")
+    peak = max(-lo, hi)
     if peak > FP16_MAX:
         raise SSRError(f"SAM features {name} of {where} overflow float16 (max |x| {peak:.3g}); "
                        "use --feature-dtype int8")
-    return {name: x.to(torch.float16)}
 
 
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
