@@ -24,6 +24,7 @@ from torch import nn
 
 from ssr_cache.errors import SSRError
 from ssr_cache.image_norm import normalize
+from ssr_cache.sam_rel_pos import use_in_segment_anything
 from ssr_cache.store.feature_levels import check_levels, default_levels, level_name
 
 # Recorded in the fingerprint: a change of preprocessing changes every stored feature.
@@ -67,7 +68,9 @@ def get_encoder_config(name: str) -> SamEncoderConfig:
 
 
 def build_image_encoder(config: SamEncoderConfig) -> ImageEncoderViT:
-    """segment_anything's ImageEncoderViT with the same settings as its build_sam (rel-pos, eps 1e-6)."""
+    """segment_anything's ImageEncoderViT with the same settings as its build_sam (rel-pos, eps 1e-6), its
+    relative positions indexed without a host wait on a GPU (sam_rel_pos.py)."""
+    use_in_segment_anything()
     return ImageEncoderViT(
         img_size=config.img_size,
         patch_size=config.patch_size,
