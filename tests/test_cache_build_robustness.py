@@ -7,12 +7,15 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
 from ssr_cache.build.config import CacheBuildConfig
 from ssr_cache.build.pipeline import build_cache
+from ssr_cache.sam_encoder import build_sam_encoder
 from ssr_cache.store.feature_store import CREATING_MARKER, FeatureStore, store_state
 
 
@@ -186,3 +189,47 @@ def test_full_shared_memory_is_one_line_and_the_build_resumes_without_workers(sy
     assert resumed.returncode == 0, resumed.stderr
     got, want = store_digest(out), store_digest(reference)
     assert {k: v for k, v in got.items() if k != "zarr.json"} == {k: v for k, v in want.items() if k != "zarr.json"}
+
+
+@pytest.mark.parametrize("factor, dtype, message", [
+    (1e6, "float16", "overflow float16"),  # the float16 store's limit: the message points to int8
+    (float("nan"), "float16", "contain NaN/Inf"),
+    (float("nan"), "int8", "contain NaN/Inf"),
+])
+def test_features_the_store_cannot_hold_are_one_line_naming_their_views(synth_root, tmp_path, factor, dtype,
+                                                                       message):
+    """Checked once the features reach the host, a batch after they were computed (encoded_batch.py): the
+    line still names the batch's own views, and no view of it is marked done."""
+    out = tmp_path / "c.zarr"
+    ckpt = _scaled_checkpoint(tmp_path, factor)
+    result = run_ssr(*build_args(synth_root, out, "--sam-checkpoint", str(ckpt), "--feature-dtype", dtype))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr and "of views 0-1" in result.stderr
+    assert ("--feature-dtype int8" in result.stderr) == (message == "overflow float16")
+    assert not FeatureStore.open(str(out)).done_mask().any()
+
+
+def test_refused_features_are_reported_before_a_later_unreadable_image(synth_root, tmp_path):
+    """Batch 0's features are checked after batch 1's image fails to load; the line is still batch 0's."""
+    data = tmp_path / "gta5"
+    shutil.copytree(synth_root / "gta5", data)
+    victim = sorted((data / "images").glob("*.png"))[1]  # batch 1 (2 views per image, batch size 2)
+    victim.write_bytes(_damaged(victim.read_bytes(), "truncated"))
+    ckpt = _scaled_checkpoint(tmp_path, float("nan"))
+    result = run_ssr("cache", "build", "--dataset", "gta5", "--data-root", str(data), "--out",
+                     str(tmp_path / "c.zarr"), *TINY_BUILD, "--sam-checkpoint", str(ckpt))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "of views 0-1 contain NaN/Inf" in result.stderr and victim.name not in result.stderr
+
+
+def _scaled_checkpoint(tmp_path, factor: float):
+    """A vit_tiny SAM checkpoint whose every feature is scaled by `factor` (the neck's last LayerNorm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: the point here
+        state = build_sam_encoder("vit_tiny", seed=0).state_dict()
+    state["image_encoder.neck.3.weight"] *= factor
+    path = tmp_path / "sam_vit_tiny.pth"
+    torch.save(state, path)
+    return path

@@ -4,8 +4,9 @@ First the plan, in planning threads (this rank's share of the cores): every imag
 source every label (cat_max_ratio, RCS counts). Then the build's data flow (bounded queues, so the encoder
 never waits on I/O):
   DataLoader workers: decode image (+label), resize, crop, flip, class counts  → one item per image
-  main thread:        batch views → SAM encoder (+ pooled levels) → cast or quantise on the encoder's device
-                      → copy the stored form to the host → writer queue
+  main thread:        batch views → SAM encoder (+ pooled levels) → cast or quantise and check on the
+                      encoder's device → copy the stored form to the host → writer queue; on a GPU nothing
+                      waits for the device before the next batch is queued (encoded_batch.py)
   writer threads:     compress each view's chunks as its batch arrives; write a shard (then its done flags)
                       as soon as its last view is compressed, past the page cache where offered (O_DIRECT)
 The output is checked (or created) before SAM loads. A rank of a torchrun job owns whole shards; finished
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ssr_cache import __version__
 from ssr_cache.build.config import CacheBuildConfig, autocast_dtype, resolve_precision
+from ssr_cache.build.encoded_batch import EncodedBatch
 from ssr_cache.build.shard_writer import ShardStream, default_writer_threads, translate_os_error
 from ssr_cache.build.view_plan import CROP_DEFINITION, ViewPlanConfig, ViewTable, plan_views, write_view_crops
 from ssr_cache.data.datasets import SegmentationDataset, open_dataset
@@ -41,7 +43,6 @@ from ssr_cache.errors import SSRError
 from ssr_cache.progress import progress_bar
 from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
 from ssr_cache.sam_encoder import build_sam_encoder, encoder_fingerprint, get_encoder_config
-from ssr_cache.store.feature_codec import encode_features
 from ssr_cache.store.feature_levels import check_levels
 from ssr_cache.store.feature_store import (
     FORMAT_VERSION,
@@ -393,20 +394,35 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     bar = progress_bar("building cache", unit="views", disable=not progress, console=console)
     task = bar.add_task("", total=len(view_idx), info="")
     built = 0
+    pending: EncodedBatch | None = None  # encoded (on a GPU: still running) but not yet handed to the writers
+
+    def hand_over() -> None:
+        nonlocal pending, built
+        batch, pending = pending, None
+        stream.submit(batch.views, batch.stored_arrays(store))
+        built += len(batch.views)
+        projected = stream.bytes_written / max(stream.shards_written, 1) * store.n_shards
+        bar.update(task, advance=len(batch.views), info=f"{_mb(stream.bytes_written)} written, "
+                                                        f"~{_mb(projected)} projected")
+
     try:
         with bar, frozen_gc():
             for group in iter_batches(loader, cfg.batch_size):
-                views = np.concatenate([np.asarray(g["views"]) for g in group])
-                pixels = joined([g["pixels"] for g in group])
-                encoded = encode_batch(encoder, pixels, levels, amp, cfg.feature_dtype, views)
-                stream.submit(views, store.stored_arrays(
-                    len(views), pixels=pixels.numpy(), labels=joined([g["labels"] for g in group]).numpy(),
-                    class_counts=joined([g["counts"] for g in group]).numpy(),
-                    encoded_features={k: x.cpu().numpy() for k, x in encoded.items()}))
-                built += len(views)
-                projected = stream.bytes_written / max(stream.shards_written, 1) * store.n_shards
-                bar.update(task, advance=len(views), info=f"{_mb(stream.bytes_written)} written, "
-                                                          f"~{_mb(projected)} projected")
+                launched = EncodedBatch.launch(encoder, group, levels, amp, cfg.feature_dtype)
+                if pending is not None:
+                    hand_over()  # batch k, while the GPU computes batch k + 1
+                pending = launched
+            if pending is not None:
+                hand_over()
+    except Exception:  # (an interrupt goes straight to the writers' close)
+        if pending is not None:  # encoded before a later batch failed (an unreadable file): still kept
+            try:
+                hand_over()
+            except SSRError as earlier:  # its own features were refused: that came first, so say that
+                raise earlier from None
+            except Exception:  # noqa: BLE001 - an echo of the error being raised
+                pass
+        raise
     finally:
         stream.close()  # shards completed before an error are still written: a re-run resumes after them
     return built
@@ -422,25 +438,6 @@ def frozen_gc():
         yield
     finally:
         gc.unfreeze()
-
-
-def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One batch tensor from per-image items (no copy for a batch of one image's views)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def encode_batch(encoder, pixels: torch.Tensor, levels: tuple[int, ...], amp, feature_dtype: str,
-                 views: np.ndarray) -> dict[str, torch.Tensor]:
-    """SAM features of a batch in their stored form, still on the encoder's device (cast or quantised
-    there, so only the stored bytes cross to the host)."""
-    if pixels.device.type == "cpu" and encoder.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    feats = encoder.encode(pixels, levels=levels, autocast_dtype=amp)
-    where = f"views {int(views.min())}-{int(views.max())}"
-    out = {}
-    for name, x in feats.items():
-        out.update(encode_features(name, x, feature_dtype, where))
-    return out
 
 
 def _mb(n: float) -> str:
