@@ -11,6 +11,7 @@ backbones have random weights (seeded): the timings are those of the real archit
   pipeline_views_per_s_P   a real `build_cache` (decode workers, encoder, writer threads) over the same
                            number of views, start-up (planning, store creation) included
   build_over_encoder_P     pipeline seconds / encoder seconds (1.0: the GPU never waits)
+  build_host_waits_P       synchronizing CUDA calls during that build (torch's sync debug mode): none per batch
   train_step_*             benchmarks/train_step.py --recipe (or --flops-only in --smoke)
   predict_images_per_s     Predictor on 2048x1024 frames (DAFormer mit_b5, whole-image, bf16)
 """
@@ -18,6 +19,7 @@ backbones have random weights (seeded): the timings are those of the real archit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -87,7 +89,8 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
                            views_per_image=vpi, crop=(512, 512), resize=RESIZE, batch_size=args.batch_size,
                            device=str(device), autocast=precision, workers=args.workers, overwrite=True)
     t = time.perf_counter()
-    result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
+    with counted_host_waits(device) as waits:
+        result = build_cache(cfg, progress=False, console=Console(quiet=True), encoder=encoder)
     sync(str(device))
     t_build = time.perf_counter() - t
     enc_rate, build_rate = n_encoded / t_encoder, result.built_views / t_build
@@ -95,9 +98,34 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
             (f"encoder_views_per_s_{precision}", enc_rate, f"{sam}, {n_encoded} views, batch {args.batch_size}"),
             (f"pipeline_views_per_s_{precision}", build_rate,
              f"build_cache of {result.built_views} GTA5-size views, {args.workers} workers, start-up included"),
-            (f"build_over_encoder_{precision}", enc_rate / build_rate, "1.0: the encoder never waits")):
+            (f"build_over_encoder_{precision}", enc_rate / build_rate, "1.0: the encoder never waits"),
+            (f"build_host_waits_{precision}", waits["count"],
+             f"synchronizing CUDA calls in the build, {-(-result.built_views // args.batch_size)} batches "
+             "(about 1 expected, the warm-up: none per batch; 0 on a CPU)")):
         line(name, value, detail)
         results[name] = value
+
+
+@contextlib.contextmanager
+def counted_host_waits(device: torch.device):
+    """{"count": synchronizing CUDA calls made inside the block} (torch's sync debug mode, as warnings): the
+    build must not make the host wait on the GPU between batches (ssr_cache/build/encoded_batch.py). It sees
+    torch's own waits (blocking copies, .item(), stream syncs), not Event.synchronize or pinned allocation:
+    the build's intended wait for batch k's copy is not counted, and an ordering mistake shows only in
+    build_over_encoder."""
+    counter = {"count": 0}
+    if device.type != "cuda":
+        yield counter
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counter
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+            counter["count"] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def train_step_figures(args, device: torch.device, results: dict, deadline: float) -> None:
