@@ -7,11 +7,13 @@ and fp32, the recipe train step (plain / SSR from the cache / SSR online), and p
 Every figure is one `name=value` line as it is measured; a summary table closes the run. Encoders and
 backbones have random weights (seeded): the timings are those of the real architectures and sizes.
 
-  encoder_views_per_s_P    `encoder.encode` alone on prepared crops, the build's batch size, precision P
+  encoder_views_per_s_P    `encoder.encode` alone on prepared crops (already on the device), the build's
+                           batch size, precision P
   pipeline_views_per_s_P   a real `build_cache` (decode workers, encoder, writer threads) over the same
                            number of views, start-up (planning, store creation) included
   build_over_encoder_P     pipeline seconds / encoder seconds (1.0: the GPU never waits)
-  build_host_waits_P       synchronizing CUDA calls during that build (torch's sync debug mode): none per batch
+  build_host_waits_P       synchronizing CUDA calls during that build (torch's sync debug mode): none per
+                           batch is the design
   train_step_*             benchmarks/train_step.py --recipe (or --flops-only in --smoke)
   predict_images_per_s     Predictor on 2048x1024 frames (DAFormer mit_b5, whole-image, bf16)
 """
@@ -74,7 +76,9 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
         write_gta5_like(root, n_images, "cityscapes", distinct=2)
     encoder = build_sam_encoder(sam, seed=0, device=device)
     amp = autocast_dtype(precision)
+    # Already on the device: the encoder's own rate, with no copy (and no blocking copy) per batch.
     crops = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (args.batch_size, 512, 512, 3), np.uint8))
+    crops = crops.to(device)
     encoder.encode(crops, autocast_dtype=amp)  # warm-up: CUDA start-up and kernel selection
     sync(str(device))
     n_batches = -(-args.views // args.batch_size)
