@@ -10,6 +10,7 @@ whose label value classes.toml does not list (ignored too, and counted among `ig
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +69,16 @@ def compute_class_counts(dataset: SegmentationDataset, workers: int = 2, progres
             n_resized = _collect((_count_sample(dataset, i) for i in range(n)), out, lambda: bar.advance(task))
         else:
             # spawn: safe whatever the parent holds (threads, torch); the worker function is importable.
-            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(dataset,))
             chunksize = max(1, min(64, n // (workers * 8)))
-            with context.Pool(workers, initializer=_init_worker, initargs=(dataset,)) as pool:
-                results = pool.imap_unordered(_count_in_worker, range(n), chunksize=chunksize)
+            try:
+                results = pool.map(_count_in_worker, range(n), chunksize=chunksize)
                 n_resized = _collect(results, out, lambda: bar.advance(task))
+            finally:
+                # After an error the labels not yet started are not read. (multiprocessing.Pool's terminate,
+                # used before, hung about once in 40 errors: its task thread blocked on a full queue.)
+                pool.shutdown(wait=True, cancel_futures=True)
     return ClassCounts(out.sample_ids, out.counts, out.ignored, out.unlisted, n_resized)
 
 
@@ -80,7 +86,7 @@ def _collect(results, out: ClassCounts, advance) -> int:
     n_resized = 0
     for index, row, ignored, unlisted, resized, error in results:
         if error is not None:
-            raise SSRError(error)  # leaving the pool's `with` terminates the other workers
+            raise SSRError(error)
         out.counts[index], out.ignored[index], out.unlisted[index] = row, ignored, unlisted
         n_resized += int(resized)
         advance()
