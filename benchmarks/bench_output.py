@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: one `name=value` line per figure, a CUDA sync before reading a clock,
-and the work folder (a temp dir unless --out is given)."""
+"""Shared by the benchmark scripts: one `name=value` line per figure, a CUDA sync before reading a clock
+(on the device being measured), and the work folder (a temp dir unless --out is given)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ def line(name: str, value: float | str, detail: str = "", fmt: str = ".4g") -> N
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
+
+
+def select_device(device: str) -> None:
+    """Make cuda:N the current device, so that torch's device-less calls (synchronize, the memory
+    statistics, get_device_name, pinned allocation) mean the GPU being measured, not cuda:0."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
 
 
 def run_in_workdir(run: Callable[[argparse.Namespace, Path], None], args: argparse.Namespace, *, prefix: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_output import line, run_in_workdir, sync
+from bench_output import line, run_in_workdir, select_device, sync
 
 from ssr_cache.data.label_space import CITYSCAPES
 from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
@@ -152,4 +152,6 @@ def run(args: argparse.Namespace, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_in_workdir(run, parse_args(), prefix="ssr_bench_predict_")
+    args = parse_args()
+    select_device(args.device)
+    run_in_workdir(run, args, prefix="ssr_bench_predict_")

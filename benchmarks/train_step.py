@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_output import line, run_in_workdir, sync
+from bench_output import line, run_in_workdir, select_device, sync
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
@@ -329,6 +329,7 @@ def print_flops(fl: dict[str, float], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
+    select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="SAM encoder .* has no checkpoint")
@@ -403,6 +404,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
           f"of 3 variants + online SAM alone")
     del variants, src, tgt
     gc.collect()
+    if cuda:  # the memory children are separate processes: give them the blocks this one keeps cached
+        torch.cuda.empty_cache()
 
     names = {"plain": "peak_mem_plain_mb", "ssr_cache": "peak_mem_cache_mb",
              "ssr_online": "peak_mem_online_mb"}

@@ -93,8 +93,9 @@ def _describe_or_build(cfg: CacheBuildConfig, *, dry_run: bool) -> None:
     from ssr_cache.build.pipeline import build_cache  # lazy, as the size estimate above
 
     result = build_cache(cfg, console=console)
+    rate = f", {result.views_per_second:.1f} views/s after start-up" if result.built_views else ""
     console.print(f"built {result.built_views} views, reused {result.reused_views}, "
-                  f"{result.n_views} in {result.url} ({result.seconds:.1f} s)")
+                  f"{result.n_views} in {result.url} ({result.seconds:.1f} s{rate})")
     if result.random_init:
         console.print("[yellow]note: random-init encoder — features are not SAM features[/]")
 

@@ -37,7 +37,8 @@ class HostCopy:
         device = next(iter(devices))
         self.tensors = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                         for k, t in tensors.items()}
-        self.event = torch.cuda.Event()
+        # blocking: the waiting main thread sleeps instead of spinning, leaving its core to workers and writers
+        self.event = torch.cuda.Event(blocking=True)
         self.event.record(torch.cuda.current_stream(device))
 
     def wait(self) -> dict[str, np.ndarray]:

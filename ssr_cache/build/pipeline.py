@@ -59,8 +59,15 @@ class BuildResult:
     n_views: int
     reused_views: int
     built_views: int
-    seconds: float
+    seconds: float  # the whole call
     random_init: bool
+    encode_seconds: float = 0.0  # decoding, encoding and writing the built views: the call less its start-up
+    # (checks, planning, store creation, SAM load and warm-up)
+
+    @property
+    def views_per_second(self) -> float:
+        """The build's steady rate: built views / encode_seconds (0 when nothing was built)."""
+        return self.built_views / self.encode_seconds if self.built_views and self.encode_seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------- planning
@@ -284,6 +291,8 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     console = console or Console()
     rank = rank_info()
     device = resolve_device(rank_device(cfg.device, rank))
+    if device.type == "cuda" and rank.world_size > 1:
+        torch.cuda.set_device(device)  # torchrun: this rank's GPU for NCCL and pinned memory (as the trainer)
     precision = resolve_precision(cfg.autocast, device)
     threads = set_cpu_threads(None)
     if rank.rank == 0:
@@ -318,15 +327,19 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     mine = store.pending_shards()[rank.rank::rank.world_size]
     if rank.rank == 0 and done_before:
         console.print(f"resuming: reused {done_before} finished views, {len(plan) - done_before} to build")
-    built = 0
+    built, encode_seconds = 0, 0.0
     if mine:
         if encoder is None:
             encoder = load_encoder(cfg, device, enc_fp, console, rank)
+        warm_up(encoder, cfg, levels, precision, device)
+        t_encode = time.perf_counter()
         built = encode_and_write(cfg, store, ds, plan, mine, labelled, encoder, levels, device, precision,
                                  progress=progress and rank.rank == 0, console=console)
+        encode_seconds = time.perf_counter() - t_encode
     barrier(rank)
     return BuildResult(url=cfg.out, n_views=len(plan), reused_views=done_before, built_views=built,
-                       seconds=time.perf_counter() - t0, random_init=bool(enc_fp["random_init"]))
+                       seconds=time.perf_counter() - t0, random_init=bool(enc_fp["random_init"]),
+                       encode_seconds=encode_seconds)
 
 
 def check_output(cfg: CacheBuildConfig, fingerprint: dict) -> bool:
@@ -378,6 +391,15 @@ def load_encoder(cfg: CacheBuildConfig, device: torch.device, enc_fp: dict, cons
     return encoder
 
 
+def warm_up(encoder, cfg: CacheBuildConfig, levels: tuple[int, ...], precision: str, device: torch.device) -> None:
+    """On a GPU, one batch through the encoder before the first real one: CUDA/cuBLAS start-up and kernel
+    selection, and the build's one intended wait for the device (the zeros are copied up blocking)."""
+    if device.type == "cuda":
+        encoder.encode(torch.zeros((cfg.batch_size, *cfg.crop, 3), dtype=torch.uint8), levels=levels,
+                       autocast_dtype=autocast_dtype(precision))
+        torch.cuda.synchronize(device)
+
+
 def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: SegmentationDataset, plan: ViewTable,
                      shards: list[int], labelled: bool, encoder, levels: tuple[int, ...], device: torch.device,
                      precision: str, *, progress: bool, console: Console) -> int:
@@ -388,9 +410,6 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
                         persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
     stream = ShardStream(store, shards, threads=cfg.writer_threads or default_writer_threads())
     amp = autocast_dtype(precision)
-    if device.type == "cuda":  # CUDA/cuBLAS start-up and kernel selection, before the first timed batch
-        encoder.encode(torch.zeros((cfg.batch_size, *cfg.crop, 3), dtype=torch.uint8), levels=levels,
-                       autocast_dtype=amp)
     bar = progress_bar("building cache", unit="views", disable=not progress, console=console)
     task = bar.add_task("", total=len(view_idx), info="")
     built = 0
