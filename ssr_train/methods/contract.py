@@ -9,7 +9,8 @@ that the engine drives through these members only:
 - `source_sampler(store)`: how source views are drawn — None for uniform epochs, or a callable
   `draw(rng, n) -> view indices` (DAFormer: rare-class sampling).
 - `step(it, source, target) -> {name: float}`: one iteration's forward and backward (the engine does the
-  optimiser step); the names are the logged scalars, "loss" the total.
+  optimiser step); the names are the logged scalars, "loss" the total. Every backward goes through
+  `self.backward(loss)`, which applies the engine's fp16 loss scale (training/loss_scaling.py).
 - `shadow_model()`: the deployable SAM-free network (what model.pth and evaluation use).
 - `random_state()` / `set_random_state(state)` / `reseed(seed)`: the method's own random stream (ClassMix,
   jitter, MIC masks). It is not in `state_dict` because it differs per torchrun rank while the weights do
@@ -46,6 +47,7 @@ class MethodSetup:
     settings: Mapping[str, Any]  # section name -> that section's config (TrainConfig.methods)
     seed: int
     rank: int = 0
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None  # fp16: GradScaler.scale; else None
 
 
 class Method(nn.Module):
@@ -56,7 +58,12 @@ class Method(nn.Module):
         super().__init__()
         self.model = setup.model
         self.sam = setup.sam
+        self.loss_scale = setup.loss_scale
         self.generator: torch.Generator | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one loss term (scaled first under fp16, so small gradients do not underflow)."""
+        (loss if self.loss_scale is None else self.loss_scale(loss)).backward()
 
     def source_sampler(self, store) -> SourceDraw | None:
         return None

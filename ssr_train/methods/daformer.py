@@ -82,12 +82,12 @@ class DAFormer(Method):
         # 2 (first, as DACS does): the EMA teacher follows the student of the previous iteration.
         update_ema(self.teacher, self.model, it, alpha_max=self.settings.ema_alpha)
         loss_src = self._source_loss(source, log)
-        loss_src.backward()
+        self.backward(loss_src)
         pseudo_label, pseudo_weight = self._pseudo_labels(target["img"], log)
         loss_tgt = self._mixed_loss(source, target, pseudo_label, pseudo_weight, log)
         for term in self.target_terms:
             loss_tgt = loss_tgt + term(self, target["img"], pseudo_label, pseudo_weight, log)
-        loss_tgt.backward()
+        self.backward(loss_tgt)
         log["loss"] = loss_src.detach() + loss_tgt.detach()
         return read_scalars(log)
 

@@ -13,7 +13,7 @@ class SourceOnly(Method):
     def step(self, it: int, source: dict, target: dict | None = None) -> dict[str, float]:
         out = self.model.forward_train(source["img"], sam=self.sam.source(source))
         losses = ssr_loss(out, source["label"], mean_over="all")
-        losses["total"].backward()
+        self.backward(losses["total"])
         log = {"loss": losses["total"], "loss_src": losses["loss_shadow"]}
         if losses["loss_enhanced"] is not None:
             log["loss_src_ssr"] = losses["loss_enhanced"]

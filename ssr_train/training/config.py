@@ -51,7 +51,8 @@ class RunConfig:
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N.", check=_device_spec)
     threads: int | None = setting(None, "CPU intra-op threads (default: all cores but one, or "
                                   "$OMP_NUM_THREADS).", min=1)
-    amp: str | None = setting(None, "bf16, fp16 or fp32 on CUDA (default bf16); the CPU runs fp32.",
+    amp: str | None = setting(None, "bf16, fp16 (with a dynamic loss scale) or fp32 on CUDA (default bf16); "
+                              "the CPU runs fp32.",
                               choices=("bf16", "fp16", "fp32"))
     log_every: int = setting(50, "Iterations between metric lines.", gt=0)
     checkpoint_every: int = setting(4000, "Iterations between checkpoints.", gt=0)

@@ -2,13 +2,12 @@
 evaluate. The method does the algorithm (methods/contract.py); the engine names no method.
 
 Around the loop: a run folder that is fresh or resumed exactly (run_folder.py), DDP gradient averaging,
-AMP, a NaN guard that stops before the optimiser step, checkpoints that are never non-finite, validation
+AMP (fp16 with a dynamic loss scale: loss_scaling.py), a NaN guard that stops before the optimiser step, checkpoints that are never non-finite, validation
 on isolated random streams (best.pth), metrics.jsonl + TensorBoard.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ssr_train.training import run_folder
 from ssr_train.training.cached_views import batch_to_device
 from ssr_train.training.checkpoint import load_checkpoint, save_checkpoint
 from ssr_train.training.config import TrainConfig, save_config
+from ssr_train.training.loss_scaling import LossScaling
 from ssr_train.training.metrics_log import MetricsLog
 from ssr_train.training.optim import build_optimizer, poly_lr, set_lr
 from ssr_train.training.train_data import Stores, next_batch, open_stores, stream
@@ -109,6 +109,7 @@ class Trainer:
         self.device = device
         self.threads = set_cpu_threads(cfg.run.threads) if device.type == "cpu" else None
         self.precision = "fp32" if device.type != "cuda" else (cfg.run.amp or "bf16")
+        self.loss_scaling = LossScaling(device, enabled=self.precision == "fp16")
         self.run_dir = Path(cfg.run.out)
         self.best_miou: float | None = None
 
@@ -142,7 +143,8 @@ class Trainer:
         if model.backbone.checkpoint_report is not None:
             self.say(model.backbone.checkpoint_report.summary())
         setup = MethodSetup(model=model, sam=sam, label_space=stores.label_space, settings=cfg.methods,
-                            seed=cfg.run.seed, rank=self.rank)
+                            seed=cfg.run.seed, rank=self.rank,
+                            loss_scale=self.loss_scaling.scale if self.loss_scaling.enabled else None)
         method = METHODS[cfg.run.method](setup).to(self.device)
         if method.needs_target and stores.target is None:
             raise SSRError(f"--method {cfg.run.method} needs --target-cache")
@@ -214,17 +216,19 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     losses = method.step(it, src, tgt)
-                losses = self._guard(it, losses, params)  # stops here, before the step, on NaN/Inf
-                optimizer.step()
+                losses = self._guard(it, losses, params, optimizer)  # stops here, before the step, on NaN/Inf
+                self.loss_scaling.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
                 first = first or dict(losses)
                 self._after_step(it + 1, lr, losses, method, optimizer, metrics, bar)
         return TrainResult(self.run_dir, cfg.run.iters, losses, first, self.rank == 0)
 
-    def _guard(self, it: int, losses: dict, params: list) -> dict:
+    def _guard(self, it: int, losses: dict, params: list, optimizer) -> dict:
         """Average gradients (DDP) and the logged scalars over ranks, add the gradient norm (clipped when
-        configured), and stop before the optimiser step when anything is not finite."""
+        configured), and stop before the optimiser step when anything is not finite (under fp16, gradients
+        that overflowed the loss scale skip the step instead: loss_scaling.py)."""
         if self.world > 1:
-            _average_gradients(params, self.world)
+            _average_gradients(params, self.world)  # first: an overflow on any rank is then seen by all
+        self.loss_scaling.unscale(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
@@ -233,11 +237,7 @@ class Trainer:
             values = torch.tensor(list(losses.values()), dtype=torch.float64, device=self.device)
             dist.all_reduce(values)
             losses = dict(zip(losses, (values / self.world).tolist(), strict=True))
-        bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            raise SSRError(f"non-finite loss or gradient at iteration {it + 1} ({', '.join(bad)}); stopped before "
-                           f"the optimiser step; {self._last_checkpoint()}")
-        return losses
+        return self.loss_scaling.judge(it, losses, self._last_checkpoint)
 
     def _last_checkpoint(self) -> str:
         latest = self.run_dir / "latest.pth"
@@ -336,7 +336,7 @@ class Trainer:
         if self.rank != 0:
             return
         state = {"iteration": it, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng_per_rank": rng_per_rank, "config": self.cfg.to_dict(), "losses": losses,
+                 "loss_scaling": self.loss_scaling.state_dict(), "rng_per_rank": rng_per_rank, "config": self.cfg.to_dict(), "losses": losses,
                  "best_val_miou": self.best_miou}
         save_checkpoint(state, self.run_dir / "latest.pth")
         save_checkpoint(self._export(method, it), self.run_dir / "model.pth")
@@ -344,6 +344,7 @@ class Trainer:
     def _restore(self, ckpt: dict, method, optimizer) -> int:
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss_scaling.load_state_dict(ckpt.get("loss_scaling"))
         iteration = int(ckpt["iteration"])
         self.best_miou = ckpt.get("best_val_miou")
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
