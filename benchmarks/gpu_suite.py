@@ -11,8 +11,8 @@ backbones have random weights (seeded): the timings are those of the real archit
                            batch size, precision P
   pipeline_views_per_s_P   a real `build_cache` (decode workers, encoder, writer threads) over the same
                            number of views, after its start-up (BuildResult.views_per_second)
-  build_over_encoder_P     encoder rate / pipeline rate (1.0: the GPU never waits); `_with_startup`: the
-                           build's whole call (planning, store creation, warm-up) instead
+  build_over_encoder_P     encoder rate / pipeline rate (1.0: the GPU never waits)
+  build_call_over_encoder_P  the same with the build's whole call (planning, store creation, warm-up)
   build_host_waits_P       synchronizing CUDA calls during that build (torch's sync debug mode): none per
                            batch is the design
   train_step_*             benchmarks/train_step.py --recipe (or --flops-only in --smoke)
@@ -110,8 +110,8 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
              f"build_cache of {result.built_views} GTA5-size views, {args.workers} workers, after its start-up "
              f"({result.encode_seconds:.1f} of {t_build:.1f} s)"),
             (f"build_over_encoder_{precision}", enc_rate / build_rate, "1.0: the encoder never waits"),
-            (f"build_over_encoder_with_startup_{precision}", enc_rate * t_build / result.built_views,
-             "the build's whole call: planning, store creation, warm-up"),
+            (f"build_call_over_encoder_{precision}", enc_rate * t_build / result.built_views,
+             "the build's whole call, start-up (planning, store creation, warm-up) included, over the encoder"),
             (f"build_host_waits_{precision}", waits["count"],
              f"synchronizing CUDA calls in the build, {-(-result.built_views // args.batch_size)} batches "
              "(at most 2 expected, both in the warm-up: none per batch; 0 on a CPU)")):
@@ -166,6 +166,9 @@ def train_step_figures(args, device: torch.device, results: dict, deadline: floa
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, _ = proc.communicate()
         ending = ("timed out", f"after {timeout:.0f} s (the suite's 8-minute budget); the figures above are kept")
+    finally:  # Ctrl-C or any other way out: its own session would otherwise keep it on the GPU
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     for text in stdout.splitlines():
         m = re.match(r"^([A-Za-z0-9_]+)=(\S+)", text)
         if m:

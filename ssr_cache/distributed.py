@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -21,17 +22,21 @@ def rank_info() -> RankInfo:
     if world <= 1:
         return RankInfo()
     if not dist.is_initialized():
-        import torch
-
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SSR_DIST_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend=backend)
     return RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def rank_device(device: str, info: RankInfo) -> str:
-    """Under torchrun, a bare 'cuda' means this rank's GPU (LOCAL_RANK), not cuda:0 for every rank."""
-    return f"cuda:{info.local_rank}" if device == "cuda" and info.world_size > 1 else device
+def rank_device(device: torch.device, info: RankInfo) -> torch.device:
+    """Under torchrun, a CUDA device without an index ('cuda', or 'auto' on a GPU node) means this rank's GPU
+    (LOCAL_RANK), not cuda:0 for every rank; it is made the current device (NCCL, pinned memory)."""
+    if device.type != "cuda" or info.world_size <= 1:
+        return device
+    if device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def barrier(info: RankInfo) -> None:

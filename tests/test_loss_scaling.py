@@ -5,11 +5,13 @@ enables it only for --amp fp16 on CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import build_tiny_caches, read_metrics
 
 from ssr_cache.errors import SSRError
+from ssr_train.models.model_factory import build_model
 from ssr_train.training.checkpoint import load_checkpoint
 from ssr_train.training.config import TrainConfig
 from ssr_train.training.engine import Trainer
@@ -42,12 +44,13 @@ def test_an_overflow_skips_the_step_and_halves_the_scale():
     model, optimizer = model_and_optimizer()
     before = [p.detach().clone() for p in model.parameters()]
     logged = backward_and_judge(scaling, model, optimizer, 0, factor=float("inf"))
-    assert logged["loss_scale"] == 2.0**16 and scaling.skips_in_a_row == 1
+    assert logged["amp_scale"] == 2.0**16 and logged["amp_skipped"] == 1 and "grad_norm" not in logged
+    assert scaling.skips_in_a_row == 1
     scaling.step(optimizer)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # skipped
     assert scaling.scaler.get_scale() == 2.0**15
     logged = backward_and_judge(scaling, model, optimizer, 1)
-    assert logged["loss_scale"] == 2.0**15 and scaling.skips_in_a_row == 0
+    assert logged["amp_scale"] == 2.0**15 and scaling.skips_in_a_row == 0 and "amp_skipped" not in logged
     scaling.step(optimizer)
     assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # stepped
 
@@ -96,6 +99,9 @@ def test_the_scale_survives_a_checkpoint():
     restored.load_state_dict(scaling.state_dict())
     assert restored.scaler.get_scale() == 2.0**13 and restored.skips_in_a_row == 3
     assert LossScaling(CPU, enabled=False).state_dict() == {}
+    older = LossScaling(CPU, enabled=True)
+    older.load_state_dict(None)  # a checkpoint from before loss scaling, or from a bf16 run
+    assert older.scaler.get_scale() == 2.0**16 and older.skips_in_a_row == 0
 
 
 # ---------------------------------------------------------------- in the engine
@@ -123,10 +129,32 @@ def test_daformer_with_the_loss_scale_trains_exactly_as_without(caches, tmp_path
     scaled.loss_scaling = LossScaling(CPU, enabled=True)  # what --amp fp16 on CUDA builds
     scaled.train()
     plain, got = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "scaled")
-    assert [m["loss_scale"] for m in got] == [2.0**16] * 3
-    timing = {"loss_scale", "sec_per_iter"}
+    assert [m["amp_scale"] for m in got] == [2.0**16] * 3
+    timing = {"amp_scale", "sec_per_iter"}
     for a, b in zip(plain, got, strict=True):
         assert {k: v for k, v in b.items() if k not in timing} == {k: v for k, v in a.items() if k not in timing}
         assert {"loss", "loss_src", "loss_mix", "loss_src_ssr", "loss_mix_ssr", "grad_norm"} <= set(a)
     state = load_checkpoint(tmp_path / "scaled" / "latest.pth")["loss_scaling"]
     assert state["scaler"]["scale"] == 2.0**16 and state["skips_in_a_row"] == 0
+
+
+def test_in_the_engine_skipped_steps_leave_the_weights_and_twenty_stop_the_run(caches, tmp_path):
+    """At an infinite scale every step overflows: each is skipped and logged (never a stop on its own), the
+    weights stay as initialised, checkpoints stay finite, and the 20th in a row stops the run in one line."""
+    cfg = daformer_cfg(caches, tmp_path / "run").replace("run", method="source-only", iters=30, checkpoint_every=5)
+    cfg = cfg.replace("model", ssr=False)
+    trainer = Trainer(cfg, progress=False)
+    trainer.loss_scaling = LossScaling(CPU, enabled=True, init_scale=float("inf"))
+    with pytest.raises(SSRError, match=r"overflowed in 20 steps in a row \(iterations 1-20.*--amp bf16") as caught:
+        trainer.train()
+    assert "\n" not in str(caught.value) and "latest.pth" in str(caught.value)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["iter"] for m in metrics] == list(range(1, 20))
+    assert all(m["amp_skipped"] == 1 and "grad_norm" not in m and np.isfinite(m["loss"]) for m in metrics)
+    checkpoint = load_checkpoint(tmp_path / "run" / "latest.pth")  # refuses non-finite tensors itself
+    assert checkpoint["iteration"] == 15 and checkpoint["loss_scaling"]["skips_in_a_row"] == 15
+    torch.manual_seed(cfg.run.seed)  # the engine's initialisation, redone
+    initial = dict(build_model(trainer.cfg.model, num_classes=19).named_parameters())
+    trained = {k[len("model."):]: v for k, v in checkpoint["method"].items() if k.startswith("model.")}
+    # every parameter as initialised (BatchNorm's running statistics do move: they follow the forward pass)
+    assert all(torch.equal(trained[k], p.detach()) for k, p in initial.items()) and len(initial) > 100

@@ -290,9 +290,7 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     The CLI never passes one."""
     console = console or Console()
     rank = rank_info()
-    device = resolve_device(rank_device(cfg.device, rank))
-    if device.type == "cuda" and rank.world_size > 1:
-        torch.cuda.set_device(device)  # torchrun: this rank's GPU for NCCL and pinned memory (as the trainer)
+    device = rank_device(resolve_device(cfg.device), rank)
     precision = resolve_precision(cfg.autocast, device)
     threads = set_cpu_threads(None)
     if rank.rank == 0:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from ssr_cache.data.datasets import open_dataset
-from ssr_cache.distributed import rank_info
+from ssr_cache.distributed import rank_device, rank_info
 from ssr_cache.errors import SSRError
 from ssr_cache.progress import progress_bar
 from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
@@ -102,11 +102,7 @@ class Trainer:
         self.backbone_init = _backbone_init(cfg)
         ranks = rank_info()  # the same torchrun handling as the cache build
         self.rank, self.world = ranks.rank, ranks.world_size
-        device = resolve_device(cfg.run.device)
-        if device.type == "cuda" and self.world > 1 and device.index is None:
-            device = torch.device(f"cuda:{ranks.local_rank}")  # torchrun: 'cuda' means this rank's GPU
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = device = rank_device(resolve_device(cfg.run.device), ranks)
         self.threads = set_cpu_threads(cfg.run.threads) if device.type == "cpu" else None
         self.precision = "fp32" if device.type != "cuda" else (cfg.run.amp or "bf16")
         self.loss_scaling = LossScaling(device, enabled=self.precision == "fp16")
