@@ -41,6 +41,7 @@ from ssr_cache.build.pipeline import (
     plan_build,
 )
 from ssr_cache.data.png_io import read_rgb
+from ssr_cache.runtime import set_cpu_threads
 from ssr_cache.sam_encoder import build_sam_encoder, get_encoder_config
 from ssr_cache.store.feature_store import FeatureStore, StoreLayout
 from ssr_cache.store.inspect import store_info
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, work: Path) -> None:
     t_all = time.perf_counter()
     cuda = args.device.startswith("cuda")
+    set_cpu_threads(None)  # the build's own intra-op threads, on both sides of build_over_encoder
     autocast = torch.bfloat16 if cuda else None
     vpi = min(args.views_per_image, args.views)
     n_images = math.ceil(args.views / vpi)
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     line("read_speedup_flat_png", per["flat"] / per["fp16"],
          f"against a flat-colour {flat_mb:.2f} MB PNG ({1000 * per['flat']:.1f} ms): a lower bound")
 
-    figures = {"build_over_encoder": (t_build - t_startup) / t_enc, "fp16_bytes_ratio": fp16_ratio,
+    figures = {"build_over_encoder": result.encode_seconds / t_enc, "fp16_bytes_ratio": fp16_ratio,
                "int8_bytes_ratio": int8_ratio, "read_speedup": per["textured"] / per["fp16"]}
     for name, (op, goal) in GOALS.items():
         ok = figures[name] <= goal if op == "<=" else figures[name] >= goal
