@@ -160,8 +160,8 @@ def train_step_figures(args, device: torch.device, results: dict, deadline: floa
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
-        ending = None if proc.returncode == 0 else ("failed", stderr.strip().splitlines()[-1] if stderr.strip() else
-                                                    f"exit {proc.returncode}")
+        last_error = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}"
+        ending = None if proc.returncode == 0 else ("failed", last_error)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, _ = proc.communicate()

@@ -2,8 +2,9 @@
 evaluate. The method does the algorithm (methods/contract.py); the engine names no method.
 
 Around the loop: a run folder that is fresh or resumed exactly (run_folder.py), DDP gradient averaging,
-AMP (fp16 with a dynamic loss scale: loss_scaling.py), a NaN guard that stops before the optimiser step, checkpoints that are never non-finite, validation
-on isolated random streams (best.pth), metrics.jsonl + TensorBoard.
+AMP (fp16 with a dynamic loss scale: loss_scaling.py), a NaN guard that stops before the optimiser step,
+checkpoints that are never non-finite, validation on isolated random streams (best.pth), metrics.jsonl +
+TensorBoard.
 """
 
 from __future__ import annotations
@@ -332,8 +333,8 @@ class Trainer:
         if self.rank != 0:
             return
         state = {"iteration": it, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                 "loss_scaling": self.loss_scaling.state_dict(), "rng_per_rank": rng_per_rank, "config": self.cfg.to_dict(), "losses": losses,
-                 "best_val_miou": self.best_miou}
+                 "loss_scaling": self.loss_scaling.state_dict(), "rng_per_rank": rng_per_rank,
+                 "config": self.cfg.to_dict(), "losses": losses, "best_val_miou": self.best_miou}
         save_checkpoint(state, self.run_dir / "latest.pth")
         save_checkpoint(self._export(method, it), self.run_dir / "model.pth")
 

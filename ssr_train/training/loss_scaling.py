@@ -49,9 +49,10 @@ class LossScaling:
             raise SSRError(f"non-finite loss or gradient at iteration {it + 1} ({listed}); stopped before "
                            f"the optimiser step; {last_checkpoint()}")
         if self.skips_in_a_row >= self.MAX_SKIPS_IN_A_ROW:
+            first = it + 2 - self.skips_in_a_row
             raise SSRError(f"fp16 gradients overflowed in {self.skips_in_a_row} steps in a row (iterations "
-                           f"{it + 2 - self.skips_in_a_row}-{it + 1}, loss scale down to {self.scaler.get_scale():g})"
-                           f"; stopped; {last_checkpoint()}; or train with --amp bf16")
+                           f"{first}-{it + 1}, loss scale down to {self.scaler.get_scale():g}); stopped; "
+                           f"{last_checkpoint()}; or train with --amp bf16")
         if not self.enabled:
             return losses
         if overflow:
