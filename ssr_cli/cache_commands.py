@@ -58,7 +58,8 @@ def build(
     autocast: str = typer.Option(None, help="SAM precision: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on "
                                             "CPU; the reference runs SAM in fp32). Recorded in the cache."),
     workers: int = typer.Option(2, help="Decoding worker processes."),
-    writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: cores, 2-8)."),
+    writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: this rank's "
+                                       "share of the cores, 2-8)."),
     direct_io: bool = typer.Option(True, "--direct-io/--buffered-io",
                                    help="Write shard files past the page cache (O_DIRECT, where the filesystem "
                                         "offers it), or through it (keeps a small cache in memory for a training "

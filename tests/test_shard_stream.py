@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_feature_store import make_store, shard_data, tree_hashes
 
-from ssr_cache.build.shard_writer import ShardStream
+from ssr_cache.build.shard_writer import ShardStream, default_writer_threads
 from ssr_cache.errors import SSRError
 from ssr_cache.store.feature_store import FeatureStore
 
@@ -88,3 +88,11 @@ def test_a_killed_writers_temp_files_go_when_the_shard_is_rewritten(tmp_path):
     submit(stream, store, all_views(store, 3), np.arange(8))
     stream.close()
     assert not leftover.exists() and not list((tmp_path / "c").rglob("*.partial"))
+
+
+@pytest.mark.parametrize("cores, world, expected", [(16, 1, 8), (16, 4, 4), (16, 8, 2), (64, 8, 8), (2, 1, 2),
+                                                     (1, 1, 2)])
+def test_default_writer_threads_are_this_ranks_share_of_the_cores(monkeypatch, cores, world, expected):
+    """torchrun ranks share a node: 8 ranks on 16 cores get 2 writers each, not 8 (64 threads on 16 cores)."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert default_writer_threads(world) == expected

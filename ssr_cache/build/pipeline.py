@@ -406,7 +406,8 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
-    stream = ShardStream(store, shards, threads=cfg.writer_threads or default_writer_threads())
+    writers = cfg.writer_threads or default_writer_threads(rank_info().world_size)
+    stream = ShardStream(store, shards, threads=writers)
     amp = autocast_dtype(precision)
     bar = progress_bar("building cache", unit="views", disable=not progress, console=console)
     task = bar.add_task("", total=len(view_idx), info="")
