@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ssr_cli.parsing import parse_int_list, parse_resize, parse_size
 
 cache_app = typer.Typer(help="SAM feature caches: build, info, verify.", no_args_is_help=True)
 console = Console()
+# The build's defaults live in CacheBuildConfig alone; its flags show them (crop as WxH, ranges as lo,hi).
+BUILD = {f.name: f.default for f in dataclasses.fields(CacheBuildConfig)}
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -33,39 +36,40 @@ def build(
     dataset: str = typer.Option(..., help=f"One of: {', '.join(DATASETS)}."),
     data_root: Path = typer.Option(..., "--data-root", help="Dataset root in the real layout."),
     out: str = typer.Option(..., help="Store path or fsspec URL (s3://…, memory://…)."),
-    split: str = typer.Option("train", help="Dataset split."),
+    split: str = typer.Option(BUILD["split"], help="Dataset split."),
     labelled: bool = typer.Option(None, "--labelled/--unlabelled", show_default=False,
                                   help="Build a labelled source (labels stored, cat_max_ratio, RCS counts) or an "
                                        "unlabelled target. Default: gta5/synthia labelled, cityscapes/acdc/"
                                        "dark_zurich train unlabelled, a folder labelled when it has labels/."),
     conditions: str = typer.Option(None, help="ACDC fog,night,rain,snow (default all); Dark Zurich "
                                               "day,twilight,night (default night)."),
-    sam: str = typer.Option("vit_b", help="SAM encoder: vit_b, vit_l, vit_h, or vit_tiny (tests/demo)."),
+    sam: str = typer.Option(BUILD["sam"], help="SAM encoder: vit_b, vit_l, vit_h, or vit_tiny (tests/demo)."),
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="Official SAM .pth; none = random init."),
-    sam_seed: int = typer.Option(0, help="Seed of a random-init encoder."),
-    views_per_image: int = typer.Option(4, help="Augmented views (crops) per image."),
-    crop: str = typer.Option("512", help="Crop size: 512 (square) or WxH."),
+    sam_seed: int = typer.Option(BUILD["sam_seed"], help="Seed of a random-init encoder."),
+    views_per_image: int = typer.Option(BUILD["views_per_image"], help="Augmented views (crops) per image."),
+    crop: str = typer.Option("{1}x{0}".format(*BUILD["crop"]), help="Crop size WxH, or one number (square)."),
     resize: str = typer.Option(None, help="Keep-ratio resize bound WxH, or one number = the short side (default: "
                                           "DAFormer's per dataset: GTA5 1280x720, SYNTHIA 1280x760, Cityscapes "
                                           "1024x512, ACDC/Dark Zurich 960x540; folder: short side 512)."),
-    ratio_range: str = typer.Option("1.0,1.0", help="Random rescale ratio range lo,hi."),
-    seed: int = typer.Option(0, help="Seed of the view plan."),
+    ratio_range: str = typer.Option("{},{}".format(*BUILD["ratio_range"]), help="Random rescale ratio range lo,hi."),
+    seed: int = typer.Option(BUILD["seed"], help="Seed of the view plan."),
     levels: str = typer.Option(None, help="Stored grid sizes, e.g. 64,32,16 (default: neck, /2, /4)."),
-    feature_dtype: str = typer.Option("float16", help="float16 (lossless wrt fp16) or int8 (per-channel affine)."),
-    views_per_shard: int = typer.Option(64, help="Views per Zarr shard file."),
-    batch_size: int = typer.Option(4, help="Views per encoder batch."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …"),
+    feature_dtype: str = typer.Option(BUILD["feature_dtype"], help="float16 (lossless wrt fp16) or int8 (per-channel affine)."),
+    views_per_shard: int = typer.Option(BUILD["views_per_shard"], help="Views per Zarr shard file."),
+    batch_size: int = typer.Option(BUILD["batch_size"], help="Views per encoder batch."),
+    device: str = typer.Option(BUILD["device"], help="auto (CUDA when present), cpu, cuda, cuda:1 …"),
     autocast: str = typer.Option(None, help="SAM precision: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on "
                                             "CPU; the reference runs SAM in fp32). Recorded in the cache."),
-    workers: int = typer.Option(2, help="Decoding worker processes."),
+    workers: int = typer.Option(BUILD["workers"], help="Decoding worker processes."),
     writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: this rank's "
                                        "share of the cores, 2-8)."),
-    direct_io: bool = typer.Option(True, "--direct-io/--buffered-io",
+    direct_io: bool = typer.Option(BUILD["direct_io"], "--direct-io/--buffered-io",
                                    help="Write shard files past the page cache (O_DIRECT, where the filesystem "
                                         "offers it), or through it (keeps a small cache in memory for a training "
                                         "run right after)."),
     max_images: int = typer.Option(None, help="Only the first N images (reduced builds)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built with other settings."),
+    overwrite: bool = typer.Option(BUILD["overwrite"], "--overwrite",
+                                   help="Replace a store built with other settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and projected size; run nothing."),
 ) -> None:
     """Run frozen SAM once over planned views and store multi-scale embeddings."""

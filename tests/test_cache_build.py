@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import typer.main
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
 from ssr_cache.build.config import CacheBuildConfig
@@ -20,6 +21,9 @@ from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.errors import SSRError
 from ssr_cache.sam_encoder import build_sam_encoder, pool_levels
 from ssr_cache.store.feature_store import FeatureStore
+from ssr_cli.app import app
+from ssr_cli.cache_commands import _parse_range
+from ssr_cli.parsing import parse_size
 
 
 def tiny_config(synth_root, out, **overrides) -> CacheBuildConfig:
@@ -248,3 +252,17 @@ def test_planning_threads_change_nothing_and_a_ratio_of_one_still_counts_classes
     for ratio in (1.0, None):
         ruleless = plan_build(dataclasses.replace(cfg, cat_max_ratio=ratio), ds, labelled, progress=False, threads=2)
         assert np.array_equal(ruleless.image_class_counts, one.image_class_counts), ratio
+
+
+def test_every_build_flag_defaults_to_the_config_default():
+    """Each default in one place: `ssr cache build` with no optional flag describes CacheBuildConfig()."""
+    build = typer.main.get_command(app).commands["cache"].commands["build"]
+    flags = {p.name: p.default for p in build.params}
+    config = {f.name: f.default for f in dataclasses.fields(CacheBuildConfig) if f.default is not dataclasses.MISSING}
+    w, h = parse_size(flags.pop("crop"))
+    assert (h, w) == config["crop"]
+    assert _parse_range(flags.pop("ratio_range")) == config["ratio_range"]
+    shared = set(flags) & set(config)
+    assert {"split", "sam", "views_per_image", "views_per_shard", "batch_size", "workers", "device",
+            "feature_dtype", "seed", "direct_io", "overwrite"} <= shared
+    assert {k: flags[k] for k in shared} == {k: config[k] for k in shared}
