@@ -60,7 +60,9 @@ def build(
     device: str = typer.Option(BUILD["device"], help="auto (CUDA when present), cpu, cuda, cuda:1 …"),
     autocast: str = typer.Option(None, help="SAM precision: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on "
                                             "CPU; the reference runs SAM in fp32). Recorded in the cache."),
-    workers: int = typer.Option(BUILD["workers"], help="Decoding worker processes."),
+    workers: int = typer.Option(BUILD["workers"], show_default=False,
+                                help="Decoding worker processes (0: decode in the main process). Default: 2 on a "
+                                     "CPU; on a GPU half this rank's share of the cores, 2-8."),
     writer_threads: int = typer.Option(None, help="Threads compressing and writing shards (default: this rank's "
                                        "share of the cores, 2-8)."),
     direct_io: bool = typer.Option(BUILD["direct_io"], "--direct-io/--buffered-io",

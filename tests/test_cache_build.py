@@ -16,7 +16,13 @@ import typer.main
 from cache_helpers import TINY_BUILD, run_ssr, store_digest
 
 from ssr_cache.build.config import CacheBuildConfig
-from ssr_cache.build.pipeline import build_cache, item_tensors, open_build_dataset, plan_build
+from ssr_cache.build.pipeline import (
+    build_cache,
+    decoding_workers,
+    item_tensors,
+    open_build_dataset,
+    plan_build,
+)
 from ssr_cache.build.view_plan import ViewTable, apply_view
 from ssr_cache.errors import SSRError
 from ssr_cache.sam_encoder import build_sam_encoder, pool_levels
@@ -266,3 +272,19 @@ def test_every_build_flag_defaults_to_the_config_default():
     assert {"split", "sam", "views_per_image", "views_per_shard", "batch_size", "workers", "device",
             "feature_dtype", "seed", "direct_io", "overwrite"} <= shared
     assert {k: flags[k] for k in shared} == {k: config[k] for k in shared}
+
+
+@pytest.mark.parametrize("workers, device, cores, world, expected", [
+    (None, "cpu", 16, 1, 2), (None, "cuda", 16, 1, 8), (None, "cuda", 16, 2, 4), (None, "cuda", 16, 8, 2),
+    (None, "cuda", 64, 1, 8), (None, "cuda", 2, 1, 2), (0, "cuda", 16, 1, 0), (5, "cpu", 16, 1, 5)])
+def test_decoding_workers_default_to_half_the_ranks_cores_on_a_gpu(monkeypatch, workers, device, cores, world,
+                                                                    expected):
+    """On a GPU the decoding must keep up with a few hundred views/s (about 100 per worker); on a CPU SAM
+    needs the cores. An explicit --workers always wins."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert decoding_workers(workers, torch.device(device), world) == expected
+
+
+def test_negative_workers_are_refused_in_one_line(synth_root, tmp_path):
+    with pytest.raises(SSRError, match=r"^--workers must be 0 \(decode in the main process\) or more, got -1$"):
+        tiny_config(synth_root, tmp_path / "x", workers=-1)

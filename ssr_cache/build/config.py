@@ -38,7 +38,7 @@ class CacheBuildConfig:
     batch_size: int = 4
     device: str = "auto"  # auto: CUDA when present
     autocast: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on CPU
-    workers: int = 2
+    workers: int | None = None  # None: pipeline.decoding_workers (2 on a CPU; on a GPU half the cores, 2-8)
     writer_threads: int | None = None  # None: shard_writer.default_writer_threads()
     direct_io: bool = True  # shard files past the page cache (O_DIRECT) where offered: written once, not re-read
     max_images: int | None = None  # build over the first N images only (reduced builds)
@@ -60,6 +60,8 @@ class CacheBuildConfig:
             raise SSRError(f"--max-images must be at least 1, got {self.max_images}")
         if self.autocast is not None and self.autocast not in PRECISIONS:
             raise SSRError(f"--autocast must be one of {', '.join(PRECISIONS)}, got {self.autocast!r}")
+        if self.workers is not None and self.workers < 0:
+            raise SSRError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
         if self.writer_threads is not None and self.writer_threads <= 0:
             raise SSRError(f"--writer-threads must be at least 1, got {self.writer_threads}")
         check_dataset_name(self.dataset)

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -124,6 +124,17 @@ def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *
     # plan_views reads every label through count_label, whether or not the cat_max_ratio rule is on.
     table = plan_views(sizes, config, label_loader=count_label, progress=progress, workers=threads)
     return BuildPlan(table, counts, int(unlisted.sum()))
+
+
+def decoding_workers(workers: int | None, device: torch.device, world_size: int = 1) -> int:
+    """`--workers`, or by default: 2 on a CPU (SAM itself needs the cores there); on a GPU half this rank's
+    share of the cores, 2-8 (the other half compresses: shard_writer.default_writer_threads). One worker
+    decodes about 100 GTA5-size views/s (docs/benchmarks.md); a big GPU encodes a few hundred in bf16."""
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 2
+    return max(2, min(8, (os.cpu_count() or 2) // max(1, world_size) // 2))
 
 
 def planning_threads(world_size: int = 1) -> int:
@@ -292,6 +303,7 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     rank = rank_info()
     device = rank_device(resolve_device(cfg.device), rank)
     precision = resolve_precision(cfg.autocast, device)
+    cfg = replace(cfg, workers=decoding_workers(cfg.workers, device, rank.world_size))  # not in the fingerprint
     threads = set_cpu_threads(None)
     if rank.rank == 0:
         console.print(runtime_line(device, precision=precision, threads=threads, workers=cfg.workers))
