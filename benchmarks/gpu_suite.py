@@ -40,7 +40,7 @@ from bench_output import line, run_in_workdir, select_device, sync
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig, autocast_dtype
-from ssr_cache.build.pipeline import build_cache
+from ssr_cache.build.pipeline import build_cache, decoding_workers
 from ssr_cache.data.label_space import CITYSCAPES
 from ssr_cache.runtime import resolve_device
 from ssr_cache.sam_encoder import build_sam_encoder
@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda:N; --smoke: cpu")
     p.add_argument("--views", type=int, default=None, help="views per precision (default 512, --smoke 8)")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default 32, --smoke 4)")
-    p.add_argument("--workers", type=int, default=None, help="decoding workers (default cores - 2, --smoke 1)")
+    p.add_argument("--workers", type=int, default=None, help="decoding workers (default: the build's own, as a "
+                   "user gets it; --smoke 1)")
     p.add_argument("--skip-train", action="store_true", help="leave out train_step.py")
     p.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one, deleted)")
     args = p.parse_args(argv)
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.views = args.views or (8 if args.smoke else 512)  # ~2 s of bf16 encoding on a big GPU: the rate, not
     # the start-up
     args.batch_size = args.batch_size or (4 if args.smoke else 32)
-    args.workers = args.workers if args.workers is not None else (1 if args.smoke else max(2, (os.cpu_count() or 4) - 2))
+    args.workers = 1 if args.smoke and args.workers is None else args.workers  # None: the build decides
     return args
 
 
@@ -215,6 +216,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     deadline = t0 + BUDGET_S - 60  # the last minute is kept for predict and the table
     device = resolve_device(args.device)
     select_device(str(device))
+    args.workers = decoding_workers(args.workers, device)
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("gpu_suite.py needs a CUDA GPU (or --smoke for the CPU check)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
