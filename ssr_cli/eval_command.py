@@ -15,6 +15,7 @@ from ssr_cache.runtime import runtime_line, set_cpu_threads
 from ssr_cli.parsing import parse_size
 from ssr_train.infer.eval_results import eval_folder, write_eval
 from ssr_train.infer.evaluate import EvalRequest, evaluate_run
+from ssr_train.infer.predictor import SLIDE_CROP, SLIDE_STRIDE
 
 console = Console()
 
@@ -32,9 +33,9 @@ def evaluate_command(
     split: str = typer.Option("val", help="Split (Cityscapes val: 500 images; test: predictions only)."),
     data_root: Path = typer.Option(None, "--data-root", help="Dataset root (default: the target cache's)."),
     dataset: str = typer.Option("cityscapes", help=f"Dataset layout, one of: {', '.join(DATASETS)}."),
-    mode: str = typer.Option("whole", help="whole or slide (crop 512, stride 341, logits averaged)."),
-    crop: int = typer.Option(512, help="Slide window."),
-    stride: int = typer.Option(341, help="Slide stride."),
+    mode: str = typer.Option("whole", help=f"whole or slide (crop {SLIDE_CROP}, stride {SLIDE_STRIDE}, logits averaged)."),
+    crop: int = typer.Option(SLIDE_CROP, help="Slide window."),
+    stride: int = typer.Option(SLIDE_STRIDE, help="Slide stride."),
     flip: bool = typer.Option(False, "--flip", help="Horizontal-flip test-time augmentation."),
     resize: str = typer.Option(None, help="Resize WxH as in training (default: the run's)."),
     save_preds: Path = typer.Option(None, "--save-preds", help="Write labelIds/trainIds, colour and overlay PNGs here."),

@@ -12,7 +12,7 @@ from ssr_cache.runtime import resolve_device, runtime_line, set_cpu_threads
 from ssr_cli.parsing import parse_size
 from ssr_train.infer.export import ExportedModel
 from ssr_train.infer.predict_files import check_output_folder, predict_files
-from ssr_train.infer.predictor import Predictor
+from ssr_train.infer.predictor import SLIDE_CROP, SLIDE_STRIDE, Predictor
 from ssr_train.infer.writers import parse_kinds
 
 console = Console()
@@ -26,8 +26,8 @@ def predict(
     checkpoint: str = typer.Option("model", help="model, best or latest (with a run)."),
     save: str = typer.Option("trainid,color", help="Comma list of trainid, labelid (Cityscapes only), color, overlay."),
     mode: str = typer.Option("whole", help="whole or slide (with a run)."),
-    crop: int = typer.Option(512, help="Slide window."),
-    stride: int = typer.Option(341, help="Slide stride."),
+    crop: int = typer.Option(SLIDE_CROP, help="Slide window."),
+    stride: int = typer.Option(SLIDE_STRIDE, help="Slide stride."),
     flip: bool = typer.Option(False, "--flip", help="Horizontal-flip test-time augmentation (with a run)."),
     resize: str = typer.Option(None, help="Resize WxH as in training (default: the run's)."),
     size: str = typer.Option(None, "--size", help="With --model: the WxH the file was exported for (checked)."),

@@ -23,7 +23,7 @@ from ssr_cache.data.label_space import CITYSCAPES, LabelSpace
 from ssr_cache.errors import SSRError
 from ssr_cache.progress import progress_bar
 from ssr_train.infer.metrics import Confusion
-from ssr_train.infer.predictor import Predictor
+from ssr_train.infer.predictor import SLIDE_CROP, SLIDE_STRIDE, Predictor
 from ssr_train.infer.run_model import load_run_model
 from ssr_train.infer.writers import PredictionWriter, is_cityscapes
 
@@ -74,9 +74,9 @@ def _placeholder_labels(dataset: SegmentationDataset, label_space: LabelSpace) -
 
 
 def evaluate(model: nn.Module | Predictor, dataset: SegmentationDataset, *, resize: tuple[int, int] | None = (1024, 512),
-             device: str | torch.device = "auto", mode: str = "whole", crop: int | tuple[int, int] = 512,
-             stride: int | tuple[int, int] = 341, flip: bool = False, workers: int = 2, progress: bool = True,
-             save_preds: str | os.PathLike | None = None, save_kinds: tuple[str, ...] | None = None,
+             device: str | torch.device = "auto", mode: str = "whole", crop: int | tuple[int, int] = SLIDE_CROP,
+             stride: int | tuple[int, int] = SLIDE_STRIDE, flip: bool = False, workers: int = 2,
+             progress: bool = True, save_preds: str | os.PathLike | None = None, save_kinds: tuple[str, ...] | None = None,
              label_space: LabelSpace = CITYSCAPES, console=None) -> EvalResult:
     """Score ``model`` — a Predictor, or a segmentor (normalised batch → logits, e.g. a run's shadow branch,
     the engine's periodic validation) with ``resize``/``device``/``mode``/``crop``/``stride``/``flip`` — on
@@ -136,8 +136,8 @@ class EvalRequest:
     data_root: Path | None = None
     resize: tuple[int, int] | None = None  # None: the run's
     mode: str = "whole"
-    crop: int = 512
-    stride: int = 341
+    crop: int = SLIDE_CROP
+    stride: int = SLIDE_STRIDE
     flip: bool = False
     device: str = "auto"
     workers: int = 2

@@ -29,6 +29,7 @@ from ssr_train.infer.preprocess import check_resize, prepare
 from ssr_train.infer.run_model import RunModel, load_run_model
 
 MODES = ("whole", "slide")
+SLIDE_CROP, SLIDE_STRIDE = 512, 341  # DAFormer's slide test (test_cfg: crop 512, stride 341)
 PRECISIONS = ("auto", "fp32", "bf16")
 _WINDOW_BATCH = 4  # slide windows per forward pass
 
@@ -88,7 +89,7 @@ def _logits(model: nn.Module, img: Tensor, mode: str, crop, stride) -> Tensor:
 
 
 def predict_scores(model: nn.Module, img: Tensor, *, out_size: tuple[int, int], mode: str = "whole",
-                   crop: int | tuple[int, int] = 512, stride: int | tuple[int, int] = 341,
+                   crop: int | tuple[int, int] = SLIDE_CROP, stride: int | tuple[int, int] = SLIDE_STRIDE,
                    flip: bool = False) -> Tensor:
     """Class scores (B, C, *out_size) of a normalised batch ``img`` (B, 3, H, W); argmax is the prediction.
 
@@ -122,8 +123,9 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, *, label_space: LabelSpace, resize: tuple[int, int] | None = (1024, 512),
-                 device: str | torch.device = "auto", mode: str = "whole", crop: int | tuple[int, int] = 512,
-                 stride: int | tuple[int, int] = 341, flip: bool = False, batch_size: int = 1,
+                 device: str | torch.device = "auto", mode: str = "whole",
+                 crop: int | tuple[int, int] = SLIDE_CROP, stride: int | tuple[int, int] = SLIDE_STRIDE,
+                 flip: bool = False, batch_size: int = 1,
                  precision: str = "auto", info: dict | None = None) -> None:
         if mode not in MODES:
             raise SSRError(f"unknown inference mode {mode!r}; choose one of: {', '.join(MODES)}")
