@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from ssr_cache.runtime import runtime_line, set_cpu_threads
 from ssr_cli.parsing import parse_size
 from ssr_train.infer.eval_results import eval_folder, write_eval
 from ssr_train.infer.evaluate import EvalRequest, evaluate_run
-from ssr_train.infer.predictor import SLIDE_CROP, SLIDE_STRIDE
 
 console = Console()
+# The evaluation's defaults live in EvalRequest alone.
+EVAL = {f.name: f.default for f in dataclasses.fields(EvalRequest)}
 
 
 def fmt(value: float | None, std: float | None = None) -> str:
@@ -29,19 +31,20 @@ def fmt(value: float | None, std: float | None = None) -> str:
 def evaluate_command(
     run_arg: Path = typer.Argument(None, metavar="RUN", help="Run folder (or a model .pth file).", show_default=False),
     run: Path = typer.Option(None, "--run", help="The same as the RUN argument."),
-    checkpoint: str = typer.Option("model", help="model, best or latest."),
-    split: str = typer.Option("val", help="Split (Cityscapes val: 500 images; test: predictions only)."),
+    checkpoint: str = typer.Option(EVAL["checkpoint"], help="model, best or latest."),
+    split: str = typer.Option(EVAL["split"], help="Split (Cityscapes val: 500 images; test: predictions only)."),
     data_root: Path = typer.Option(None, "--data-root", help="Dataset root (default: the target cache's)."),
-    dataset: str = typer.Option("cityscapes", help=f"Dataset layout, one of: {', '.join(DATASETS)}."),
-    mode: str = typer.Option("whole", help=f"whole or slide (crop {SLIDE_CROP}, stride {SLIDE_STRIDE}, logits averaged)."),
-    crop: int = typer.Option(SLIDE_CROP, help="Slide window."),
-    stride: int = typer.Option(SLIDE_STRIDE, help="Slide stride."),
-    flip: bool = typer.Option(False, "--flip", help="Horizontal-flip test-time augmentation."),
+    dataset: str = typer.Option(EVAL["dataset"], help=f"Dataset layout, one of: {', '.join(DATASETS)}."),
+    mode: str = typer.Option(EVAL["mode"], help=f"whole or slide (crop {EVAL['crop']}, stride {EVAL['stride']}, "
+                                                "logits averaged)."),
+    crop: int = typer.Option(EVAL["crop"], help="Slide window."),
+    stride: int = typer.Option(EVAL["stride"], help="Slide stride."),
+    flip: bool = typer.Option(EVAL["flip"], "--flip", help="Horizontal-flip test-time augmentation."),
     resize: str = typer.Option(None, help="Resize WxH as in training (default: the run's)."),
     save_preds: Path = typer.Option(None, "--save-preds", help="Write labelIds/trainIds, colour and overlay PNGs here."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    device: str = typer.Option(EVAL["device"], help="auto, cpu, cuda, cuda:N."),
     threads: int = typer.Option(None, help="CPU threads (default: all cores but one, or OMP_NUM_THREADS)."),
-    workers: int = typer.Option(2, help="Background decoding workers."),
+    workers: int = typer.Option(EVAL["workers"], help="Background decoding workers."),
 ) -> None:
     """Evaluate the shadow branch (no SAM): RUN/eval/<dataset>-<split>[-slide][-flip].json + matrix + chart."""
     if (run_arg is None) == (run is None):
