@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--views", type=int, default=None, help="views to build (default 8, --quick 2)")
     p.add_argument("--views-per-image", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="encoder batch, the same on both sides")
-    p.add_argument("--workers", type=int, default=2, help="build DataLoader workers (the build default)")
+    p.add_argument("--workers", type=int, default=2, help="build DataLoader workers (the build's default on a CPU)")
     p.add_argument("--sam", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs under autocast bf16)")
     p.add_argument("--read-rounds", type=int, default=None, help="read benchmark rounds (default 20, --quick 5)")

@@ -14,6 +14,7 @@ class RankInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the ranks on this node, which share its cores
 
 
 def rank_info() -> RankInfo:
@@ -24,8 +25,9 @@ def rank_info() -> RankInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SSR_DIST_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend=backend)
-    return RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    world = dist.get_world_size()
+    return RankInfo(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def rank_device(device: torch.device, info: RankInfo) -> torch.device:

@@ -126,21 +126,22 @@ def plan_build(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, *
     return BuildPlan(table, counts, int(unlisted.sum()))
 
 
-def decoding_workers(workers: int | None, device: torch.device, world_size: int = 1) -> int:
+def decoding_workers(workers: int | None, device: torch.device, ranks_on_node: int = 1) -> int:
     """`--workers`, or by default: 2 on a CPU (SAM itself needs the cores there); on a GPU half this rank's
-    share of the cores, 2-8 (the other half compresses: shard_writer.default_writer_threads). One worker
-    decodes about 100 GTA5-size views/s (docs/benchmarks.md); a big GPU encodes a few hundred in bf16."""
+    share of the node's cores, 2-8. One worker decodes about 100 GTA5-size views/s (docs/benchmarks.md); a
+    big GPU encodes a few hundred in bf16. The writer threads (shard_writer.default_writer_threads) may
+    take the whole share: compressing costs about twice the decoding per view."""
     if workers is not None:
         return workers
     if device.type != "cuda":
         return 2
-    return max(2, min(8, (os.cpu_count() or 2) // max(1, world_size) // 2))
+    return max(2, min(8, (os.cpu_count() or 2) // max(1, ranks_on_node) // 2))
 
 
-def planning_threads(world_size: int = 1) -> int:
-    """Threads that plan (read headers and labels): this rank's share of the cores, at most 8. A GTA5
+def planning_threads(ranks_on_node: int = 1) -> int:
+    """Threads that plan (read headers and labels): this rank's share of the node's cores, at most 8. A GTA5
     plan reads 25k labels at ~7 ms of CPU each: 3 minutes on one thread, before the GPU starts."""
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, world_size)))
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, ranks_on_node)))
 
 
 def build_fingerprint(cfg: CacheBuildConfig, ds: SegmentationDataset, labelled: bool, plan: ViewTable,
@@ -303,14 +304,14 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     rank = rank_info()
     device = rank_device(resolve_device(cfg.device), rank)
     precision = resolve_precision(cfg.autocast, device)
-    cfg = replace(cfg, workers=decoding_workers(cfg.workers, device, rank.world_size))  # not in the fingerprint
+    cfg = replace(cfg, workers=decoding_workers(cfg.workers, device, rank.local_world_size))  # not fingerprinted
     threads = set_cpu_threads(None)
     if rank.rank == 0:
         console.print(runtime_line(device, precision=precision, threads=threads, workers=cfg.workers))
     t0 = time.perf_counter()
     ds, labelled = open_build_dataset(cfg)
     build_plan = plan_build(cfg, ds, labelled, progress=progress and rank.rank == 0,
-                            threads=planning_threads(rank.world_size))
+                            threads=planning_threads(rank.local_world_size))
     plan = build_plan.views
     if build_plan.unlisted_pixels and rank.rank == 0:
         console.print(f"[yellow]note:[/] {build_plan.unlisted_pixels} label pixels hold values the label table "
@@ -418,7 +419,7 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
-    writers = cfg.writer_threads or default_writer_threads(rank_info().world_size)
+    writers = cfg.writer_threads or default_writer_threads(rank_info().local_world_size)
     stream = ShardStream(store, shards, threads=writers)
     amp = autocast_dtype(precision)
     bar = progress_bar("building cache", unit="views", disable=not progress, console=console)

@@ -22,10 +22,10 @@ import numpy as np
 from ssr_cache.errors import SSRError
 
 
-def default_writer_threads(world_size: int = 1) -> int:
-    """Enough threads to keep a fast GPU fed, no more than this rank's share of the cores (torchrun: the
-    ranks share the node), and at least 2: one may be waiting on I/O."""
-    return max(2, min(8, (os.cpu_count() or 2) // max(1, world_size)))
+def default_writer_threads(ranks_on_node: int = 1) -> int:
+    """Enough threads to keep a fast GPU fed, no more than this rank's share of the node's cores (torchrun:
+    the node's ranks share them), and at least 2: one may be waiting on I/O."""
+    return max(2, min(8, (os.cpu_count() or 2) // max(1, ranks_on_node)))
 
 
 @dataclass
