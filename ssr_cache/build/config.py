@@ -39,7 +39,7 @@ class CacheBuildConfig:
     device: str = "auto"  # auto: CUDA when present
     autocast: str | None = None  # "bf16" | "fp16" | "fp32"; None: bf16 on CUDA, fp32 on CPU
     workers: int | None = None  # None: pipeline.decoding_workers (2 on a CPU; on a GPU half the cores, 2-8)
-    writer_threads: int | None = None  # None: shard_writer.default_writer_threads()
+    writer_threads: int | None = None  # None: shard_writer.default_writer_threads (this rank's node share)
     direct_io: bool = True  # shard files past the page cache (O_DIRECT) where offered: written once, not re-read
     max_images: int | None = None  # build over the first N images only (reduced builds)
     overwrite: bool = False

@@ -304,7 +304,9 @@ def build_cache(cfg: CacheBuildConfig, *, progress: bool = True, console: Consol
     rank = rank_info()
     device = rank_device(resolve_device(cfg.device), rank)
     precision = resolve_precision(cfg.autocast, device)
-    cfg = replace(cfg, workers=decoding_workers(cfg.workers, device, rank.local_world_size))  # not fingerprinted
+    # How it runs, not what it builds (neither is fingerprinted): resolved once, for this rank's node share.
+    cfg = replace(cfg, workers=decoding_workers(cfg.workers, device, rank.local_world_size),
+                  writer_threads=cfg.writer_threads or default_writer_threads(rank.local_world_size))
     threads = set_cpu_threads(None)
     if rank.rank == 0:
         console.print(runtime_line(device, precision=precision, threads=threads, workers=cfg.workers))
@@ -419,8 +421,7 @@ def encode_and_write(cfg: CacheBuildConfig, store: FeatureStore, ds: Segmentatio
     loader = DataLoader(ViewCropDataset(ds, plan, view_idx, labelled), batch_size=None, shuffle=False,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)  # one decoding worker = one core (ssr_cache/data/opencv.py)
-    writers = cfg.writer_threads or default_writer_threads(rank_info().local_world_size)
-    stream = ShardStream(store, shards, threads=writers)
+    stream = ShardStream(store, shards, threads=cfg.writer_threads)
     amp = autocast_dtype(precision)
     bar = progress_bar("building cache", unit="views", disable=not progress, console=console)
     task = bar.add_task("", total=len(view_idx), info="")
