@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,14 @@ def line(name: str, value: float | str, detail: str = "", fmt: str = ".4g") -> N
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
+
+
+def release_cached_memory(device: str) -> None:
+    """Hand the blocks torch's allocator keeps cached back to the driver, for a process started next (a
+    memory measurement, train_step after the build): vit_b at batch 32 in fp32 peaks near 80 GB."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def select_device(device: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import re
 import signal
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_data import RESIZE, write_gta5_like
-from bench_output import line, run_in_workdir, select_device, sync
+from bench_output import line, release_cached_memory, run_in_workdir, select_device, sync
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig, autocast_dtype
@@ -103,7 +102,7 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
     sync(str(device))
     t_build = time.perf_counter() - t
     del encoder, crops
-    release_cached_memory(device)  # the next precision, and train_step's own processes, start from a clean GPU
+    release_cached_memory(str(device))  # the next precision, and train_step's own processes, start from a clean GPU
     enc_rate, build_rate = n_encoded / t_encoder, result.views_per_second
     for name, value, detail in (
             (f"encoder_views_per_s_{precision}", enc_rate, f"{sam}, {n_encoded} views, batch {args.batch_size}"),
@@ -118,14 +117,6 @@ def cache_build_figures(args, work: Path, device: torch.device, precision: str, 
              "(at most 2 expected, both in the warm-up: none per batch; 0 on a CPU)")):
         line(name, value, detail)
         results[name] = value
-
-
-def release_cached_memory(device: torch.device) -> None:
-    """Hand the blocks torch's allocator keeps cached back to the driver: vit_b at batch 32 in fp32 peaks near
-    80 GB, which a later process (train_step's) would otherwise not get."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_output import line, run_in_workdir, select_device, sync
+from bench_output import line, release_cached_memory, run_in_workdir, select_device, sync
 from rich.console import Console
 
 from ssr_cache.build.config import CacheBuildConfig
@@ -403,9 +403,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"# timing loop: {t_loop:.1f} s for {args.warmup} warm-up + {args.steps} timed rounds "
           f"of 3 variants + online SAM alone")
     del variants, src, tgt
-    gc.collect()
-    if cuda:  # the memory children are separate processes: give them the blocks this one keeps cached
-        torch.cuda.empty_cache()
+    release_cached_memory(args.device)  # the memory children are separate processes
 
     names = {"plain": "peak_mem_plain_mb", "ssr_cache": "peak_mem_cache_mb",
              "ssr_online": "peak_mem_online_mb"}
