@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +14,12 @@ from ssr_cache.data.datasets import DATASETS
 from ssr_cache.data.datasets.base import SHORT_SIDE_ONLY
 from ssr_cache.errors import SSRError
 from ssr_cache.store.inspect import store_info, verify_store
-from ssr_cli.parsing import parse_int_list, parse_resize, parse_size
+from ssr_cli.parsing import config_defaults, parse_int_list, parse_resize, parse_size
 
 cache_app = typer.Typer(help="SAM feature caches: build, info, verify.", no_args_is_help=True)
 console = Console()
 # The build's defaults live in CacheBuildConfig alone; its flags show them (crop as WxH, ranges as lo,hi).
-BUILD = {f.name: f.default for f in dataclasses.fields(CacheBuildConfig)}
+BUILD = config_defaults(CacheBuildConfig)
 
 
 def _parse_range(text: str) -> tuple[float, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,13 +12,13 @@ from rich.table import Table
 from ssr_cache.data.datasets import DATASETS
 from ssr_cache.errors import SSRError
 from ssr_cache.runtime import runtime_line, set_cpu_threads
-from ssr_cli.parsing import parse_size
+from ssr_cli.parsing import config_defaults, parse_size
 from ssr_train.infer.eval_results import eval_folder, write_eval
 from ssr_train.infer.evaluate import EvalRequest, evaluate_run
 
 console = Console()
 # The evaluation's defaults live in EvalRequest alone.
-EVAL = {f.name: f.default for f in dataclasses.fields(EvalRequest)}
+EVAL = config_defaults(EvalRequest)
 
 
 def fmt(value: float | None, std: float | None = None) -> str:

@@ -1,6 +1,9 @@
-"""Small parsers for CLI values (sizes, level lists) that turn bad text into one-line errors."""
+"""Small parsers for CLI values (sizes, level lists) that turn bad text into one-line errors, and the
+defaults flags take from a config dataclass."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from ssr_cache.data.datasets.base import SHORT_SIDE_ONLY
 from ssr_cache.errors import SSRError
@@ -39,3 +42,9 @@ def parse_int_list(text: str, *, what: str) -> tuple[int, ...]:
     if not values:
         raise SSRError(f"{what} is empty")
     return values
+
+
+def config_defaults(config_class) -> dict:
+    """{field: default} of a config dataclass, so that a command's flags show and use its defaults rather
+    than restating them (fields without a default are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
