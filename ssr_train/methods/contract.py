@@ -47,7 +47,7 @@ class MethodSetup:
     settings: Mapping[str, Any]  # section name -> that section's config (TrainConfig.methods)
     seed: int
     rank: int = 0
-    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None  # fp16: GradScaler.scale; else None
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None  # the engine's (identity unless fp16)
 
 
 class Method(nn.Module):

@@ -140,8 +140,7 @@ class Trainer:
         if model.backbone.checkpoint_report is not None:
             self.say(model.backbone.checkpoint_report.summary())
         setup = MethodSetup(model=model, sam=sam, label_space=stores.label_space, settings=cfg.methods,
-                            seed=cfg.run.seed, rank=self.rank,
-                            loss_scale=self.loss_scaling.scale if self.loss_scaling.enabled else None)
+                            seed=cfg.run.seed, rank=self.rank, loss_scale=self.loss_scaling.scale)
         method = METHODS[cfg.run.method](setup).to(self.device)
         if method.needs_target and stores.target is None:
             raise SSRError(f"--method {cfg.run.method} needs --target-cache")
